@@ -1,0 +1,293 @@
+"""Every setting of the pipeline, in one place.
+
+Edit a default below, or override any field on the command line by its own name:
+
+    python main.py --num_train_epochs 1 --learning_rate 1e-4
+    python main.py --preset tiny            # the bundled tiny model and data, runs on a CPU
+
+`parse_config(argv)` turns the command line into a `Config`; `validate_config(cfg)` lists every
+problem at once, before anything heavy is loaded. Defaults are the seed project's values; the few
+deliberate deviations (compute dtype `auto`, a pad token distinct from EOS, answer-only loss, ...)
+are listed in README.md with the reason for each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+# The name that selects the tiny Llama built offline by tiny_model.py (random weights, tokenizer
+# trained on data/sample.jsonl). Any other model_name is a hub id or a local folder.
+TINY_MODEL_NAME = "tiny-llama"
+BUNDLED_DATASET = "data/sample.jsonl"
+
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANT_TYPES = ("nf4", "fp4")
+OPTIMIZERS = (
+    "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd",
+)
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+REPORT_TO = ("tensorboard", "none")
+
+
+@dataclass
+class Config:
+    # ---------------------------------------------------------------- model and data
+    model_name: str = field(
+        default="NousResearch/Llama-2-7b-chat-hf",
+        metadata={"help": f"Hub id or local folder of the base model; '{TINY_MODEL_NAME}' builds the bundled tiny Llama."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run model code shipped with the checkpoint. Llama is built into transformers: leave off."},
+    )
+    dataset_name: str = field(
+        default="mlabonne/guanaco-llama2-1k",
+        metadata={"help": "Hub id, or a local .json/.jsonl/.csv/.parquet file or saved-dataset folder, with a 'text' column."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset to train on."})
+    train_on_answers_only: bool = field(
+        default=True,
+        metadata={"help": "Loss on the answers (and their </s>) only; the [INST] prompts are masked. False: whole text, as the seed."},
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of the rows held out for evaluation (0 = no held-out split; ignored if eval_dataset is set)."},
+    )
+    eval_dataset: str = field(
+        default="", metadata={"help": "Optional separate held-out file or hub id; empty = split eval_fraction off the training data."}
+    )
+    output_dir: str = field(
+        default="./results",
+        metadata={"help": "Where everything of a run goes: checkpoints, TensorBoard logs, metrics, report, adapter."},
+    )
+    new_model: str = field(
+        default="Llama-2-7b-chat-finetune",
+        metadata={"help": "Folder name of the saved adapter, inside output_dir."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Allow a run to reuse an output_dir that already holds a run's files."}
+    )
+    resume: str = field(
+        default="",
+        metadata={"help": "'latest' = continue from the newest checkpoint in output_dir, or a checkpoint folder; empty = fresh run."},
+    )
+    # ---------------------------------------------------------------- LoRA
+    lora_r: int = field(default=32, metadata={"help": "Rank of the LoRA update matrices."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r (= 0.5 here)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Linear layers that get LoRA adapters (space-separated on the command line)."},
+    )
+    # ---------------------------------------------------------------- 4-bit quantisation (bitsandbytes)
+    use_4bit: bool = field(default=True, metadata={"help": "Load the frozen base in 4 bits (QLoRA). False: plain LoRA on a 16/32-bit base."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": f"4-bit data type: one of {QUANT_TYPES}."})
+    bnb_4bit_compute_dtype: str = field(
+        default="auto",
+        metadata={"help": f"Matmul dtype, one of {COMPUTE_DTYPES}. auto: bfloat16 where the GPU supports it, else float16; float32 on CPU."},
+    )
+    use_nested_quant: bool = field(default=False, metadata={"help": "Double quantisation: ~0.4 bit/param less memory, a little slower."})
+    # ---------------------------------------------------------------- training
+    num_train_epochs: float = field(default=10, metadata={"help": "Passes over the training rows."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = run all epochs)."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Rows per forward pass on each device."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Rows per forward pass when evaluating."})
+    gradient_accumulation_steps: int = field(
+        default=8, metadata={"help": "Forward passes per optimizer step: rows per step = batch size x this x GPUs (1 x 8 = 8)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in backward: much less memory, ~30% more compute."}
+    )
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Clip the gradient norm to this (QLoRA paper's value)."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of the LoRA weights."})
+    weight_decay: float = field(default=0.001, metadata={"help": "AdamW weight decay on the LoRA weights."})
+    optim: str = field(default="paged_adamw_32bit", metadata={"help": f"Optimizer, one of {OPTIMIZERS}."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": f"Learning-rate schedule, one of {SCHEDULERS}."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of the steps spent warming the learning rate up, in [0, 1)."})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Batch rows of similar length together: less padding, same data each epoch."}
+    )
+    max_seq_length: int = field(
+        default=256, metadata={"help": "Tokens per row; longer rows are cut. Activation memory grows with batch x this."}
+    )
+    packing: bool = field(default=False, metadata={"help": "Pack several rows into one max_seq_length sequence."})
+    seed: int = field(default=42, metadata={"help": "Seed for the data order, LoRA init and dropout."})
+    # ---------------------------------------------------------------- logging, evaluation, checkpoints
+    logging_steps: int = field(default=25, metadata={"help": "Print and log the loss every this many optimizer steps."})
+    eval_steps: int = field(
+        default=0, metadata={"help": "Evaluate on the held-out rows every this many steps (0 = once per epoch)."}
+    )
+    save_steps: int = field(default=25, metadata={"help": "Write a resumable checkpoint every this many optimizer steps (0 = never)."})
+    save_total_limit: int = field(default=3, metadata={"help": "Keep only this many newest checkpoints."})
+    report_to: str = field(default="tensorboard", metadata={"help": f"Metric logger, one of {REPORT_TO}."})
+    allow_cpu: bool = field(
+        default=False, metadata={"help": "Run on the CPU when no CUDA GPU is present (only sensible for tiny models)."}
+    )
+    # ---------------------------------------------------------------- inference after training
+    example_prompt: str = field(
+        default="What is a large language model?", metadata={"help": "Question answered by the fine-tuned model at the end."}
+    )
+    report_prompts: list[str] = field(
+        default_factory=lambda: [
+            "What is a large language model?",
+            "How do I boil an egg?",
+            "Explain what a prime number is.",
+        ],
+        metadata={"help": "Questions answered by the base and the fine-tuned model side by side in report.md."},
+    )
+    system_prompt: str = field(default="", metadata={"help": "Optional Llama-2 <<SYS>> prompt for inference (guanaco has none)."})
+    max_new_tokens: int = field(default=200, metadata={"help": "Longest generated answer, in tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with do_sample)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass (with do_sample)."})
+    preset: str = field(default="", metadata={"help": "Named group of settings applied before your overrides: " + ", ".join(["tiny", "seed"])})
+
+
+# A preset switches many fields at once; explicit command-line flags still win over it.
+PRESETS: dict[str, dict] = {
+    # The bundled tiny Llama and data: the seed's recipe (NF4, LoRA r=32/alpha=16 on q/v, batch 1 x
+    # accumulation 8, cosine, paged AdamW) on a model small enough to train in about a minute on 2
+    # CPU cores. Only the model, the data, the length of training and the learning rate differ.
+    "tiny": {
+        "model_name": TINY_MODEL_NAME,
+        "dataset_name": BUNDLED_DATASET,
+        "output_dir": "./results-tiny",
+        "new_model": "tiny-llama-finetune",
+        "num_train_epochs": 6,
+        "learning_rate": 3e-3,
+        "logging_steps": 5,
+        "save_steps": 20,
+        "allow_cpu": True,
+        "max_new_tokens": 64,
+    },
+    # The seed project's exact settings, including fp16 compute (use only if you need to reproduce it).
+    "seed": {
+        "bnb_4bit_compute_dtype": "float16",
+        "train_on_answers_only": False,
+        "eval_fraction": 0.0,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """One or more settings are wrong; the message lists every problem found."""
+
+
+def _choice_error(name: str, value, allowed) -> str:
+    return f"{name}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}"
+
+
+def validate_config(cfg: Config) -> list[str]:
+    """Return every problem with `cfg` as a readable line (empty list = valid)."""
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    check(cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate), f"learning_rate={cfg.learning_rate} must be > 0 (e.g. 2e-4)")
+    check(cfg.lora_r >= 1, f"lora_r={cfg.lora_r} must be >= 1 (e.g. 8, 16, 32, 64)")
+    check(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha} must be > 0 (e.g. 16)")
+    check(0 <= cfg.lora_dropout < 1, f"lora_dropout={cfg.lora_dropout} must be in [0, 1) (e.g. 0.1)")
+    check(len(cfg.lora_target_modules) > 0, "lora_target_modules is empty; name at least one layer, e.g. q_proj v_proj")
+    check(cfg.bnb_4bit_quant_type in QUANT_TYPES, _choice_error("bnb_4bit_quant_type", cfg.bnb_4bit_quant_type, QUANT_TYPES))
+    check(cfg.bnb_4bit_compute_dtype in COMPUTE_DTYPES, _choice_error("bnb_4bit_compute_dtype", cfg.bnb_4bit_compute_dtype, COMPUTE_DTYPES))
+    check(cfg.optim in OPTIMIZERS, _choice_error("optim", cfg.optim, OPTIMIZERS))
+    check(cfg.lr_scheduler_type in SCHEDULERS, _choice_error("lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS))
+    check(cfg.report_to in REPORT_TO, _choice_error("report_to", cfg.report_to, REPORT_TO))
+    check(cfg.preset in ("", *PRESETS), _choice_error("preset", cfg.preset, PRESETS))
+    check(cfg.max_seq_length >= 1, f"max_seq_length={cfg.max_seq_length} must be >= 1 (e.g. 256)")
+    check(cfg.num_train_epochs > 0 or cfg.max_steps > 0, f"num_train_epochs={cfg.num_train_epochs} must be > 0 (or set max_steps)")
+    check(cfg.max_steps == -1 or cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be -1 (off) or >= 1")
+    check(cfg.per_device_train_batch_size >= 1, f"per_device_train_batch_size={cfg.per_device_train_batch_size} must be >= 1")
+    check(cfg.per_device_eval_batch_size >= 1, f"per_device_eval_batch_size={cfg.per_device_eval_batch_size} must be >= 1")
+    check(cfg.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be >= 1")
+    check(cfg.max_grad_norm > 0, f"max_grad_norm={cfg.max_grad_norm} must be > 0 (e.g. 0.3)")
+    check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
+    check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1) (e.g. 0.03)")
+    check(0 <= cfg.eval_fraction < 1, f"eval_fraction={cfg.eval_fraction} must be in [0, 1) (e.g. 0.1, or 0 for none)")
+    check(cfg.logging_steps >= 1, f"logging_steps={cfg.logging_steps} must be >= 1")
+    check(cfg.eval_steps >= 0, f"eval_steps={cfg.eval_steps} must be >= 0 (0 = once per epoch)")
+    check(cfg.save_steps >= 0, f"save_steps={cfg.save_steps} must be >= 0 (0 = no checkpoints)")
+    check(cfg.save_total_limit >= 1, f"save_total_limit={cfg.save_total_limit} must be >= 1")
+    check(cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1")
+    check(cfg.temperature > 0, f"temperature={cfg.temperature} must be > 0")
+    check(0 < cfg.top_p <= 1, f"top_p={cfg.top_p} must be in (0, 1]")
+    check(bool(cfg.model_name.strip()), "model_name is empty; give a hub id or a local folder")
+    check(bool(cfg.dataset_name.strip()), "dataset_name is empty; give a hub id or a local file")
+    check(bool(cfg.new_model.strip()) and "/" not in cfg.new_model, f"new_model={cfg.new_model!r} must be a plain folder name")
+    return problems
+
+
+def _build_parser(preset_defaults: dict):
+    # transformers' dataclass parser: one --flag per field, typed, unknown flags rejected.
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(Config, description="QLoRA fine-tuning of Llama 2 (see README.md).")
+    parser.set_defaults(**preset_defaults)
+
+    def fail(message: str):  # argparse would print the whole usage and exit; say just what was wrong
+        raise ConfigError(f"{message} (`python main.py --help` lists every field)")
+
+    parser.error = fail
+    return parser
+
+
+def _preset_from_argv(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def _unknown_flags(argv: list[str]) -> list[str]:
+    """Each --flag that is not a Config field, with the closest field names as a hint."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(Config)]
+    problems = []
+    for arg in argv:
+        if not arg.startswith("--") or arg in ("--help",):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and not (name.startswith("no_") and name[3:] in names):
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            problems.append(f"--{name} is not a setting{hint} (`python main.py --help` lists them all)")
+    return problems
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Command line -> validated Config. Raises ConfigError listing every problem.
+
+    Order of precedence: explicit flags > the preset's values > the defaults in this file.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = _preset_from_argv(argv)
+    if preset and preset not in PRESETS:
+        raise ConfigError(_choice_error("preset", preset, PRESETS))
+    parser = _build_parser(PRESETS.get(preset, {}))
+    unknown = _unknown_flags(argv)
+    if unknown:
+        raise ConfigError("unknown setting(s):\n  - " + "\n  - ".join(unknown))
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    problems = validate_config(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)

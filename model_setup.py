@@ -1,0 +1,214 @@
+"""Model, tokenizer and LoRA set-up: the 4-bit base, its tokenizer, and the trainable adapter.
+
+    runtime = resolve_runtime(cfg)              # device + compute dtype, with the reason
+    tokenizer = load_tokenizer(cfg)
+    model = load_base_model(cfg, runtime)       # NF4 via bitsandbytes when cfg.use_4bit
+    model = add_lora(model, cfg)                # k-bit preparation + LoRA on cfg.lora_target_modules
+
+Nothing here runs at import time; every function takes what it needs and returns what it made.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from config import TINY_MODEL_NAME, Config
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class SetupError(RuntimeError):
+    """The model or tokenizer cannot be set up as configured; the message says what to change."""
+
+
+@dataclass
+class Runtime:
+    device: str  # "cpu" or "cuda:N"
+    compute_dtype: torch.dtype
+    reason: str  # one line a person reads: why this device and dtype
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def resolve_runtime(cfg: Config, cuda_available: bool | None = None, bf16_supported: bool | None = None) -> Runtime:
+    """Choose device and compute dtype from the config and the machine, and say why.
+
+    The GPU is the process's local rank (torchrun / accelerate launch) or the current device, never
+    a fixed 0, so the same code runs on one GPU, several, or none.
+    """
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if not cuda_available:
+        if not cfg.allow_cpu:
+            raise SetupError(
+                f"no CUDA GPU found, and model_name={cfg.model_name!r} needs an NVIDIA GPU for 4-bit training "
+                "(a 7B model would take days on a CPU). To try the whole pipeline on this machine run "
+                "`python main.py --preset tiny`; to force the CPU anyway add `--allow_cpu`."
+            )
+        dtype_name = "float32" if cfg.bnb_4bit_compute_dtype == "auto" else cfg.bnb_4bit_compute_dtype
+        why = "auto on CPU: float32 is the fastest and exact there" if cfg.bnb_4bit_compute_dtype == "auto" else "as configured"
+        return Runtime("cpu", DTYPES[dtype_name], f"cpu (no CUDA device), compute {dtype_name}: {why}")
+
+    local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    bf16_supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+    requested = cfg.bnb_4bit_compute_dtype
+    if requested == "auto":
+        dtype_name = "bfloat16" if bf16_supported else "float16"
+        why = "auto: the GPU supports bfloat16 (no fp16 overflow)" if bf16_supported else "auto: this GPU has no bfloat16"
+    elif requested == "bfloat16" and not bf16_supported:
+        raise SetupError("bnb_4bit_compute_dtype='bfloat16' but this GPU has no bfloat16 support; use 'auto' or 'float16'")
+    else:
+        dtype_name, why = requested, "as configured"
+    return Runtime(f"cuda:{local_rank}", DTYPES[dtype_name], f"cuda:{local_rank}, compute {dtype_name}: {why}")
+
+
+def resolve_model_path(model_name: str) -> str:
+    """The tiny model's cached folder (built on first use), else the hub id or folder as given."""
+    if model_name == TINY_MODEL_NAME:
+        from tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    return model_name
+
+
+def build_bnb_config(cfg: Config, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=cfg.use_nested_quant,
+    )
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer, padding on the right, with a pad token that is not EOS.
+
+    If pad == EOS, a collator or generate() that masks padding by id also masks every real </s>:
+    the model never learns to stop. Llama-2 has no pad token, so its <unk> serves (never in text).
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise SetupError(
+                f"the tokenizer of {cfg.model_name!r} has no pad token distinct from EOS and no <unk> to use; "
+                "add a pad token to it (tokenizer.add_special_tokens) before fine-tuning"
+            )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def disable_bnb_cpu_repack(model) -> int:
+    """Guard the bitsandbytes CPU trap; returns how many 4-bit layers were guarded.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight into an inference-only layout
+    at the first no-grad eval forward. After that no gradient reaches the LoRA weights (training
+    silently stops) and merging gives wrong weights. Switching that path off keeps training exact.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def _placement(runtime: Runtime):
+    return {"": runtime.device} if runtime.is_cuda else None
+
+
+def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None):
+    """The frozen base model: 4-bit NF4 via bitsandbytes (default), or unquantised in compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    quantized = cfg.use_4bit if quantized is None else quantized
+    kwargs = dict(dtype=runtime.compute_dtype, device_map=_placement(runtime), trust_remote_code=cfg.trust_remote_code)
+    if quantized:
+        kwargs["quantization_config"] = build_bnb_config(cfg, runtime.compute_dtype)
+    path = resolve_model_path(cfg.model_name)
+    # use_safetensors: weights never come from pickles, which can run code when loaded.
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    if quantized:
+        disable_bnb_cpu_repack(model)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def build_lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_target_modules(model, target_modules: list[str]) -> None:
+    """Fail with the names the model does have when a LoRA target matches no layer."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [t for t in target_modules if t not in leaf_names]
+    if missing:
+        raise SetupError(
+            f"lora_target_modules {missing} match no linear layer of this model; "
+            f"its linear layers are: {', '.join(sorted(leaf_names))}"
+        )
+
+
+def add_lora(model, cfg: Config):
+    """Prepare the (4-bit) base for training and wrap it with the LoRA adapter."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, cfg.lora_target_modules)
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Casts norms/embeddings to fp32 for stable training and wires gradient checkpointing.
+        # Non-reentrant checkpointing: the reentrant kind silently drops LoRA grads when the
+        # inputs do not require grad, and does not compose with torch.compile.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, build_lora_config(cfg))
+
+
+def keep_adapter_fp32(model) -> None:
+    """Keep trainable (LoRA) weights in float32; autocast still runs their matmuls in bf16/fp16.
+
+    TRL casts LoRA weights of a quantised model to bf16; in bf16 an Adam step of lr 2e-4 on a
+    weight near 1e-2 is below half a unit in the last place, so many updates are lost.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts its real element count."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if hasattr(param, "quant_state") and param.quant_state is not None:
+            n = param.quant_state.shape.numel()  # stored as packed uint8: two 4-bit values per byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

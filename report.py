@@ -1,0 +1,169 @@
+"""What a run did, measured: held-out loss before/after, a loss curve, and base-vs-tuned answers.
+
+    before = held_out_metrics(trainer)           # base model (LoRA B is zero before training)
+    ... train ...
+    after = held_out_metrics(trainer)            # same held-out rows, fine-tuned
+    paths = write_report(output_dir, cfg, summary, before, after, trainer.state.log_history, answers)
+
+Files written to output_dir: metrics.json (for programs), loss_curve.png, report.md (for people).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from config import config_to_dict
+from training import TrainSummary, summary_dict, write_json
+
+METRICS_FILE, CURVE_FILE, REPORT_FILE = "metrics.json", "loss_curve.png", "report.md"
+
+
+@dataclass
+class HeldOut:
+    loss: float
+    perplexity: float
+    rows: int
+    seconds: float
+
+
+def held_out_metrics(trainer, base_model: bool = False) -> HeldOut | None:
+    """Loss and perplexity on the trainer's eval rows (None when there is no held-out split).
+
+    base_model=True measures with the adapter switched off: the base model exactly, whether this
+    is before training or after a --resume.
+    """
+    if trainer.eval_dataset is None:
+        return None
+    prefix = "base" if base_model else "eval"
+    if base_model:
+        with trainer.model.disable_adapter():
+            metrics = trainer.evaluate(metric_key_prefix=prefix)
+    else:
+        metrics = trainer.evaluate(metric_key_prefix=prefix)
+    loss = float(metrics[f"{prefix}_loss"])
+    return HeldOut(loss, safe_exp(loss), len(trainer.eval_dataset), float(metrics.get(f"{prefix}_runtime", 0.0)))
+
+
+def safe_exp(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def loss_history(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, eval) points as (step, loss) from the Trainer's log history."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    return train, evals
+
+
+def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", marker=".")
+    if evals:
+        ax.plot(*zip(*evals), label="held-out loss", color="tab:orange", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per answer token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def build_metrics(cfg, summary: TrainSummary, before: HeldOut | None, after: HeldOut | None, log_history: list[dict],
+                  eval_seconds_during_training: float) -> dict:
+    train, evals = loss_history(log_history)
+    return {
+        "eval_loss_before": before.loss if before else None,
+        "eval_loss_after": after.loss if after else None,
+        "perplexity_before": before.perplexity if before else None,
+        "perplexity_after": after.perplexity if after else None,
+        "held_out_rows": after.rows if after else 0,
+        "tokens_per_second": summary.tokens_per_second,
+        "peak_memory_gib": summary.peak_memory_gib,
+        "peak_memory_kind": summary.peak_memory_kind,
+        "wall_time_s": summary.wall_time_s,
+        "eval_seconds_during_training": eval_seconds_during_training,
+        "train": summary_dict(summary),
+        "train_loss_per_step": [{"step": s, "loss": v} for s, v in train],
+        "eval_loss_per_step": [{"step": s, "loss": v} for s, v in evals],
+        "config": config_to_dict(cfg),
+    }
+
+
+def eval_seconds(log_history: list[dict]) -> float:
+    return float(sum(e.get("eval_runtime", 0.0) for e in log_history))
+
+
+def render_markdown(metrics: dict, answers: list[dict], curve_name: str) -> str:
+    cfg = metrics["config"]
+    lines = [f"# Fine-tuning report: {cfg['model_name']} on {cfg['dataset_name']}", ""]
+    if metrics["eval_loss_before"] is not None:
+        change = 100 * (metrics["eval_loss_after"] - metrics["eval_loss_before"]) / metrics["eval_loss_before"]
+        lines += [
+            f"Held-out rows: {metrics['held_out_rows']} (loss on answer tokens only: {cfg['train_on_answers_only']})",
+            "",
+            "| | base model | fine-tuned | change |",
+            "|---|---|---|---|",
+            f"| held-out loss | {metrics['eval_loss_before']:.4f} | {metrics['eval_loss_after']:.4f} | {change:+.1f}% |",
+            f"| perplexity | {metrics['perplexity_before']:.2f} | {metrics['perplexity_after']:.2f} | |",
+            "",
+        ]
+    else:
+        lines += ["No held-out split (eval_fraction=0 and no eval_dataset): nothing to compare.", ""]
+    train = metrics["train"]
+    lines += [
+        f"Training: {train['global_step']} steps in {train['wall_time_s']:.1f} s, "
+        f"{train['tokens_per_second']:,.0f} tokens/s, peak memory {train['peak_memory_gib']:.2f} GiB "
+        f"({train['peak_memory_kind']}); evaluation during training took {metrics['eval_seconds_during_training']:.1f} s.",
+        "",
+        f"![loss curve]({curve_name})",
+        "",
+        "## Answers, base model vs fine-tuned (greedy unless do_sample)",
+        "",
+    ]
+    for item in answers:
+        lines += [f"### {item['prompt']}", "", "| base model | fine-tuned |", "|---|---|",
+                  f"| {_cell(item['base'])} | {_cell(item['tuned'])} |", ""]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return (text or "*(empty)*").replace("|", "\\|").replace("\n", "<br>")
+
+
+def compare_answers(model, generator, prompts: list[str], settings, generate) -> list[dict]:
+    """The same prompts answered with the adapter off (base) and on (fine-tuned)."""
+    tuned = [generate(generator, p, settings) for p in prompts]
+    with model.disable_adapter():
+        base = [generate(generator, p, settings) for p in prompts]
+    return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base, tuned)]
+
+
+def write_report(output_dir: str | os.PathLike, metrics: dict, answers: list[dict]) -> dict[str, Path]:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = [(p["step"], p["loss"]) for p in metrics["train_loss_per_step"]]
+    evals = [(p["step"], p["loss"]) for p in metrics["eval_loss_per_step"]]
+    curve = plot_loss_curve(train, evals, out / CURVE_FILE, f"{metrics['config']['model_name']}: loss per step")
+    write_json(out / METRICS_FILE, {**metrics, "answers": answers})
+    report = out / REPORT_FILE
+    report.write_text(render_markdown(metrics, answers, CURVE_FILE), encoding="utf-8")
+    return {"metrics": out / METRICS_FILE, "curve": curve, "report": report}
+
+
+def format_held_out(before: HeldOut | None, after: HeldOut | None) -> str:
+    if before is None or after is None:
+        return "held-out: none (eval_fraction=0)"
+    return (f"held-out loss {before.loss:.4f} -> {after.loss:.4f} | perplexity {before.perplexity:.2f} -> "
+            f"{after.perplexity:.2f} ({after.rows} rows)")

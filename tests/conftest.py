@@ -1,0 +1,51 @@
+"""Shared fixtures: everything runs offline on the bundled tiny Llama (built once per machine)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a test must never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+import config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def tiny_config(output_dir, *overrides):
+    """The tiny preset with quiet, fast settings for in-process tests, plus any overrides."""
+    argv = ["--preset", "tiny", "--output_dir", str(output_dir), "--report_to", "none", "--save_steps", "0",
+            "--eval_fraction", "0", *map(str, overrides)]
+    return config.parse_config(argv)
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir):
+    return lambda *overrides: tiny_config(tmp_path / "out", *overrides)
+
+
+def run_main(args, cwd=PROJECT_DIR, timeout=600, **popen):
+    """`python main.py ARGS` as a user runs it; returns the CompletedProcess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(PROJECT_DIR / "main.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    """One real `python main.py --preset tiny` run, shared by the tests that inspect its outputs."""
+    out = tmp_path_factory.mktemp("tiny-run") / "results"
+    proc = run_main(["--preset", "tiny", "--output_dir", out])
+    assert proc.returncode == 0, f"main.py failed:\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return out, proc

@@ -1,0 +1,72 @@
+"""config.py: the seed's defaults, overrides by name, presets, and errors that name the field."""
+
+import dataclasses
+import re
+
+import pytest
+
+from config import PRESETS, Config, ConfigError, parse_config
+from conftest import PROJECT_DIR
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = parse_config([])
+    assert cfg.model_name == "NousResearch/Llama-2-7b-chat-hf"
+    assert cfg.dataset_name == "mlabonne/guanaco-llama2-1k"
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (32, 16, 0.1)
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert (cfg.use_4bit, cfg.bnb_4bit_quant_type, cfg.use_nested_quant) == (True, "nf4", False)
+    assert (cfg.num_train_epochs, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (10, 1, 8)
+    assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_ratio) == (2e-4, "cosine", 0.03)
+    assert (cfg.max_grad_norm, cfg.weight_decay, cfg.optim) == (0.3, 0.001, "paged_adamw_32bit")
+    assert (cfg.max_seq_length, cfg.packing, cfg.group_by_length, cfg.gradient_checkpointing) == (256, False, True, True)
+    assert (cfg.logging_steps, cfg.report_to, cfg.trust_remote_code) == (25, "tensorboard", False)
+
+
+def test_any_field_overrides_by_name():
+    cfg = parse_config(["--num_train_epochs", "1", "--learning_rate", "1e-4", "--lora_target_modules", "q_proj", "k_proj",
+                        "--no_gradient_checkpointing"])
+    assert cfg.num_train_epochs == 1 and cfg.learning_rate == 1e-4
+    assert cfg.lora_target_modules == ["q_proj", "k_proj"] and cfg.gradient_checkpointing is False
+
+
+def test_tiny_preset_keeps_the_recipe_and_flags_still_win():
+    cfg = parse_config(["--preset", "tiny", "--learning_rate", "1e-3"])
+    assert cfg.model_name == "tiny-llama" and cfg.dataset_name == "data/sample.jsonl"
+    assert cfg.learning_rate == 1e-3  # explicit flag beats the preset
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.bnb_4bit_quant_type) == (32, 16, ["q_proj", "v_proj"], "nf4")
+    changed = set(PRESETS["tiny"])
+    assert changed <= {"model_name", "dataset_name", "output_dir", "new_model", "num_train_epochs", "learning_rate",
+                       "logging_steps", "save_steps", "allow_cpu", "max_new_tokens"}
+
+
+def test_every_problem_is_reported_at_once_naming_field_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--learning_rate", "0", "--lora_r", "0", "--lora_dropout", "1.0", "--bnb_4bit_quant_type", "int3",
+                      "--bnb_4bit_compute_dtype", "float8", "--max_seq_length", "0"])
+    message = str(err.value)
+    for expected in ("learning_rate=0.0", "lora_r=0", "lora_dropout=1.0", "bnb_4bit_quant_type='int3'", "nf4, fp4",
+                     "bnb_4bit_compute_dtype='float8'", "auto, bfloat16, float16, float32", "max_seq_length=0"):
+        assert expected in message
+
+
+def test_unknown_field_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"--learnig_rate is not a setting; did you mean --learning_rate"):
+        parse_config(["--learnig_rate", "1e-4"])
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(ConfigError, match=r"--learning_rate.*invalid float value: 'fast'"):
+        parse_config(["--learning_rate", "fast"])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match=r"preset='huge'.*tiny, seed"):
+        parse_config(["--preset", "huge"])
+
+
+def test_readme_documents_every_field():
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(\w+)` \|", readme, flags=re.M))
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert fields - documented == set(), "README.md's settings table misses fields"

@@ -1,0 +1,66 @@
+"""The real entry point, run as a user runs it: `python main.py --preset tiny`."""
+
+import json
+
+import pytest
+import torch
+
+import data_preparation as dp
+from conftest import PROJECT_DIR
+from inference import GenerationSettings, generate, load_for_inference, make_generator
+
+
+def trained_rows(run_dir):
+    """The bundled rows that the run trained on (not held out), in file order, as (question, answer)."""
+    from config import Config
+
+    cfg = Config(**json.loads((run_dir / "tiny-llama-finetune" / "run_config.json").read_text()))
+    data, _ = dp.clean_dataset(dp.load_raw_dataset(str(PROJECT_DIR / cfg.dataset_name)))
+    train, held_out = dp.split_train_eval(data, cfg.eval_fraction, cfg.seed)
+    held = set(held_out["text"])
+    pairs = []
+    for text in data["text"]:
+        if text in held or text.count("[INST]") != 1 or "<<SYS>>" in text:
+            continue
+        question, answer = text.split("[/INST]")
+        pairs.append((question.replace("[INST]", "").strip(), answer.replace("</s>", "").strip()))
+    return pairs
+
+
+def test_main_writes_the_adapter_and_prints_the_answer(tiny_run):
+    out, proc = tiny_run
+    adapter = out / "tiny-llama-finetune"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.json", "tokenizer.json"):
+        assert (adapter / name).is_file(), name
+    assert json.loads((adapter / "run_config.json").read_text())["model_name"] == "tiny-llama"
+    assert f"adapter saved to {adapter}" in proc.stdout
+    assert "[INST] What is a large language model? [/INST]" in proc.stdout
+    assert "trainable params: " in proc.stdout and "tokens/s" in proc.stdout and "peak memory" in proc.stdout
+    assert "step " in proc.stdout and "| loss " in proc.stdout  # one readable line per logging step
+    assert "Traceback" not in proc.stderr
+
+
+def test_tiny_preset_reproduces_trained_answers(tiny_run):
+    """After training, greedy decoding answers training questions with their trained answers, and stops."""
+    out, _ = tiny_run
+    model, tokenizer, cfg = load_for_inference(out / "tiny-llama-finetune")
+    generator = make_generator(model, tokenizer)
+    settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
+    pairs = trained_rows(out)[:5]
+    exact = 0
+    for question, answer in pairs:
+        got = generate(generator, question, settings)
+        exact += got.split() == answer.split()
+    assert exact >= 3, f"only {exact} of {len(pairs)} trained answers reproduced"
+
+
+def test_generation_stops_with_eos_before_the_limit(tiny_run):
+    out, _ = tiny_run
+    model, tokenizer, cfg = load_for_inference(out / "tiny-llama-finetune")
+    for question, _ in trained_rows(out)[:5]:
+        ids = tokenizer(dp.format_prompt(question), return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate(**ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
+        assert tokenizer.eos_token_id in generated.tolist(), f"no EOS for {question!r}"
+        assert len(generated) < cfg.max_new_tokens

@@ -1,0 +1,356 @@
+"""Supervised fine-tuning with TRL's SFTTrainer, fed from the Config.
+
+    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, runtime)
+    summary = run_training(trainer)                 # progress bar, one loss line per log step
+    adapter_dir = save_adapter(trainer.model, tokenizer, cfg)
+
+The datasets come pre-tokenized from data_preparation.py (input_ids + labels), so SFTTrainer only
+truncates, batches and trains; what carries a loss is decided in one place.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from config import Config, save_config
+from model_setup import Runtime, count_parameters, keep_adapter_fp32
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class TrainSummary:
+    wall_time_s: float
+    train_tokens: int
+    tokens_per_second: float
+    peak_memory_gib: float
+    peak_memory_kind: str  # "GPU allocated" or "process RSS"
+    final_train_loss: float | None
+    global_step: int
+    trainable_params: int
+    total_params: int
+
+
+def report_to(cfg: Config) -> list[str]:
+    """TensorBoard as the seed, unless the package is missing: then one warning and no logger."""
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        warnings.warn("tensorboard is not installed, so no TensorBoard logs are written (pip install tensorboard); training goes on")
+        return ["none"]
+    return [cfg.report_to]
+
+
+def build_sft_config(cfg: Config, runtime: Runtime, has_eval: bool):
+    from trl import SFTConfig
+
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if cfg.eval_steps > 0 else "epoch"
+    return SFTConfig(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # Checkpointing is wired by model_setup.add_lora (non-reentrant); enabling it here again
+        # would re-wrap the layers with the Trainer's own settings.
+        gradient_checkpointing=False,
+        max_grad_norm=cfg.max_grad_norm,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        save_total_limit=cfg.save_total_limit,
+        report_to=report_to(cfg),
+        seed=cfg.seed,
+        bf16=runtime.is_cuda and runtime.compute_dtype == torch.bfloat16,
+        fp16=runtime.is_cuda and runtime.compute_dtype == torch.float16,
+        use_cpu=not runtime.is_cuda,
+        include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN must surface, not be averaged away
+        dataset_kwargs={"skip_prepare_dataset": False},
+        disable_tqdm=False,
+    )
+
+
+def format_log_line(logs: dict, step: int, max_steps: int, epoch: float | None) -> str | None:
+    """One fixed-format line for a logging step, or None when the log holds no loss."""
+    parts = [f"step {step:>5}/{max_steps}", f"epoch {epoch or 0:5.2f}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"),
+                     ("grad_norm", "grad_norm {:.3f}"), ("learning_rate", "lr {:.2e}")):
+        if isinstance(logs.get(key), (int, float)):
+            parts.append(fmt.format(logs[key]))
+    return " | ".join(parts) if len(parts) > 2 else None
+
+
+class ProgressWithLossLines(ProgressCallback):
+    """The Trainer's progress bar, printing one readable line per log instead of a raw dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        line = format_log_line(logs or {}, state.global_step, state.max_steps, state.epoch)
+        if line is None:
+            return
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line)
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first NaN/inf loss instead of training on garbage."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingError(non_finite_message(key, value, state.global_step, args))
+
+
+def non_finite_message(what: str, value: float, step: int, args) -> str:
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    return (
+        f"{what} became {value} at step {step}; stopped so as not to train on garbage. Likely causes: "
+        f"fp16 overflow (compute is {precision}; use --bnb_4bit_compute_dtype auto or bfloat16 on a GPU that has it), "
+        f"or a learning rate too high (learning_rate={args.learning_rate}; try half of it)."
+    )
+
+
+def guarded_trainer_class():
+    """SFTTrainer that stops at the first non-finite training loss, naming the step."""
+    from trl import SFTTrainer
+
+    class GuardedSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # The Trainer itself syncs on this check every micro-step (its NaN filter), so it is free.
+            if not torch.isfinite(loss):
+                raise TrainingError(non_finite_message("training loss", loss.item(), self.state.global_step + 1, self.args))
+            return loss
+
+    return GuardedSFTTrainer
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, stop; a second signal aborts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> "StopOnSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # asked twice: the user means it
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving (again to abort at once)", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True  # a resumable checkpoint of exactly this step
+            control.should_training_stop = True
+
+
+def build_trainer(model, tokenizer, train_rows, eval_rows, cfg: Config, runtime: Runtime, callbacks=()):
+    trainer = guarded_trainer_class()(
+        model=model,
+        args=build_sft_config(cfg, runtime, has_eval=eval_rows is not None),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=tokenizer,
+        callbacks=[StopOnNonFiniteLoss(), *callbacks],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressWithLossLines())
+    keep_adapter_fp32(trainer.model)  # undo TRL's bf16 cast of the LoRA weights (see model_setup)
+    return trainer
+
+
+def peak_memory(runtime: Runtime) -> tuple[float, str]:
+    if runtime.is_cuda:
+        return torch.cuda.max_memory_allocated() / 2**30, "GPU allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"  # ru_maxrss is KiB on Linux
+
+
+def run_training(trainer, runtime: Runtime, resume_from: str | None = None) -> TrainSummary:
+    trainable, total = count_parameters(trainer.model)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    tokens = int(trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    peak, kind = peak_memory(runtime)
+    return TrainSummary(
+        wall_time_s=wall,
+        train_tokens=tokens,
+        tokens_per_second=tokens / wall if wall > 0 else 0.0,
+        peak_memory_gib=peak,
+        peak_memory_kind=kind,
+        final_train_loss=losses[-1] if losses else result.training_loss,
+        global_step=trainer.state.global_step,
+        trainable_params=trainable,
+        total_params=total,
+    )
+
+
+def format_parameter_counts(model) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)"
+
+
+def format_summary(summary: TrainSummary) -> str:
+    loss = "n/a" if summary.final_train_loss is None else f"{summary.final_train_loss:.4f}"
+    return (
+        f"wall time {summary.wall_time_s:.1f} s | {summary.global_step} steps | "
+        f"{summary.train_tokens:,} tokens at {summary.tokens_per_second:,.0f} tokens/s | "
+        f"peak memory {summary.peak_memory_gib:.2f} GiB ({summary.peak_memory_kind}) | final train loss {loss}"
+    )
+
+
+def adapter_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / cfg.new_model
+
+
+def save_adapter(model, tokenizer, cfg: Config, target: Path | None = None) -> Path:
+    """Write adapter + tokenizer + the config used, atomically.
+
+    Everything goes to a temporary sibling folder first and replaces the target only once
+    complete, so a crash or a full disk never leaves a half-written adapter, and an earlier adapter
+    survives a failed save.
+    """
+    target = Path(target or adapter_dir(cfg))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.saving")
+    previous = target.with_name(f".{target.name}.previous")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        save_config(cfg, staging / "run_config.json")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)  # same folder, so a rename: never half done
+    shutil.rmtree(previous, ignore_errors=True)
+    return target
+
+
+def free_memory() -> None:
+    """Return cached GPU memory and Python garbage before inference, as the seed does."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summary_dict(summary: TrainSummary) -> dict:
+    return asdict(summary)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- output folder and resuming
+
+RUN_MARKERS = ("metrics.json", "report.md", "trainer_state.json")
+
+
+def existing_run_files(cfg: Config) -> list[str]:
+    """What in output_dir belongs to an earlier run (checkpoints, adapter, report)."""
+    out = Path(cfg.output_dir)
+    if not out.is_dir():
+        return []
+    found = sorted(p.name for p in out.glob("checkpoint-*"))
+    found += [name for name in RUN_MARKERS if (out / name).exists()]
+    if adapter_dir(cfg).exists():
+        found.append(cfg.new_model)
+    return found
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not Path(output_dir).is_dir():
+        return None
+    last = get_last_checkpoint(output_dir)
+    return Path(last) if last else None
+
+
+def prepare_output_dir(cfg: Config) -> Path | None:
+    """Check output_dir before anything heavy loads; returns the checkpoint to resume from, if any.
+
+    A run never replaces an earlier run's files unless --overwrite is given; --resume continues one.
+    """
+    if cfg.resume:
+        checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if checkpoint is None:
+            raise TrainingError(f"--resume latest: no checkpoint-* folder in {cfg.output_dir}; start a fresh run without --resume")
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise TrainingError(f"--resume {cfg.resume}: {checkpoint} is not a checkpoint folder (no trainer_state.json)")
+        return checkpoint
+    existing = existing_run_files(cfg)
+    if existing and not cfg.overwrite:
+        raise TrainingError(
+            f"{cfg.output_dir} already holds a run ({', '.join(existing[:6])}); nothing was changed. "
+            "Continue it with --resume latest, replace it with --overwrite, or pick another --output_dir"
+        )
+    if existing:  # --overwrite: old checkpoints would confuse a later --resume latest
+        for old in Path(cfg.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(old)
+    return None
+
+
+def out_of_memory_message(cfg: Config) -> str:
+    return (
+        "CUDA ran out of memory. Lower, in this order: per_device_train_batch_size "
+        f"(now {cfg.per_device_train_batch_size}; raise gradient_accumulation_steps to keep the same rows per step), "
+        f"max_seq_length (now {cfg.max_seq_length}), or turn gradient_checkpointing on (now {cfg.gradient_checkpointing}); "
+        "also check that no other process holds GPU memory (nvidia-smi)."
+    )
