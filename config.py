@@ -74,7 +74,8 @@ class Config:
     )
     resume: str = field(
         default="",
-        metadata={"help": "'latest' = continue from the newest checkpoint in output_dir, or a checkpoint folder; empty = fresh run."},
+        metadata={"help": "Continue a run: bare --resume (or 'latest') = newest checkpoint in output_dir, or a checkpoint folder.",
+                  "nargs": "?", "const": "latest"},
     )
     # ---------------------------------------------------------------- LoRA
     lora_r: int = field(default=32, metadata={"help": "Rank of the LoRA update matrices."})
@@ -164,6 +165,10 @@ PRESETS: dict[str, dict] = {
         "save_steps": 20,
         "allow_cpu": True,
         "max_new_tokens": 64,
+        # Trained questions show what the fine-tune learnt; the tiny model knows nothing else.
+        "example_prompt": "What is the chemical symbol for gold?",
+        "report_prompts": ["What is the chemical symbol for gold?", "How many continents are there on Earth?",
+                           "What is a large language model?"],
     },
     # The seed project's exact settings, including fp16 compute (use only if you need to reproduce it).
     "seed": {

@@ -154,6 +154,16 @@ def _format_problem(text: str) -> str | None:
     return None
 
 
+def normalize_row(text: str) -> str:
+    """Drop the leading <s> (the tokenizer adds BOS) and the space before each </s>.
+
+    guanaco writes "answer </s>": tokenized, that space becomes a lone '▁' token the model must
+    learn to emit before it may stop. Without it, </s> follows the answer's last word directly.
+    """
+    text = text[3:].lstrip() if text.startswith("<s>") else text
+    return re.sub(r"\s+</s>", "</s>", text)
+
+
 def clean_dataset(dataset):
     """Check the `text` column and the chat format; drop empty rows; strip the leading <s>.
 
@@ -173,7 +183,7 @@ def clean_dataset(dataset):
         if problem:
             bad.append((index, problem, text))
             continue
-        kept.append(text[3:].lstrip() if text.startswith("<s>") else text)
+        kept.append(normalize_row(text))
     if bad:
         shown = "\n".join(f"  row {i}: {why}: {t[:80]!r}" for i, why, t in bad[:MAX_REPORTED_ROWS])
         more = f"\n  ... and {len(bad) - MAX_REPORTED_ROWS} more" if len(bad) > MAX_REPORTED_ROWS else ""

@@ -83,6 +83,8 @@ def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> Path:
 def build_metrics(cfg, summary: TrainSummary, before: HeldOut | None, after: HeldOut | None, log_history: list[dict],
                   eval_seconds_during_training: float) -> dict:
     train, evals = loss_history(log_history)
+    if before is not None:  # the base model's held-out loss is where the held-out curve starts
+        evals = [(0, before.loss)] + evals
     return {
         "eval_loss_before": before.loss if before else None,
         "eval_loss_after": after.loss if after else None,

@@ -37,7 +37,8 @@ def test_tiny_preset_keeps_the_recipe_and_flags_still_win():
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.bnb_4bit_quant_type) == (32, 16, ["q_proj", "v_proj"], "nf4")
     changed = set(PRESETS["tiny"])
     assert changed <= {"model_name", "dataset_name", "output_dir", "new_model", "num_train_epochs", "learning_rate",
-                       "logging_steps", "save_steps", "allow_cpu", "max_new_tokens"}
+                       "logging_steps", "save_steps", "allow_cpu", "max_new_tokens", "example_prompt",
+                       "report_prompts"}
 
 
 def test_every_problem_is_reported_at_once_naming_field_and_allowed_values():

@@ -42,5 +42,5 @@ def test_markdown_report_puts_base_and_tuned_side_by_side(tiny_run):
     assert "| held-out loss |" in report and "![loss curve](loss_curve.png)" in report
     for item, prompt in zip(metrics["answers"], metrics["config"]["report_prompts"]):
         assert item["prompt"] == prompt and f"### {prompt}" in report
-    assert report.count("| base model | fine-tuned |") == len(metrics["config"]["report_prompts"])
+    assert report.count("| base model | fine-tuned |\n|---|---|") == len(metrics["config"]["report_prompts"])
     assert any(item["base"] != item["tuned"] for item in metrics["answers"])
