@@ -32,6 +32,7 @@ OPTIMIZERS = (
 )
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "none")
+PERFORMANCE_MODES = ("auto", "speed", "memory", "manual")
 
 
 @dataclass
@@ -118,6 +119,14 @@ class Config:
     )
     packing: bool = field(default=False, metadata={"help": "Pack several rows into one max_seq_length sequence."})
     seed: int = field(default=42, metadata={"help": "Seed for the data order, LoRA init and dropout."})
+    performance_mode: str = field(
+        default="auto",
+        metadata={"help": "How the rows of a step (batch x accumulation) are split into forward passes: auto (from free GPU "
+                          "memory), speed, memory, or manual (the fields above as set). Same math in every mode."},
+    )
+    use_liger_kernel: bool = field(
+        default=True, metadata={"help": "Fused Triton kernels (liger-kernel) on a GPU when installed: faster, less memory."}
+    )
     # ---------------------------------------------------------------- logging, evaluation, checkpoints
     logging_steps: int = field(default=25, metadata={"help": "Print and log the loss every this many optimizer steps."})
     eval_steps: int = field(
@@ -159,8 +168,8 @@ PRESETS: dict[str, dict] = {
         "dataset_name": BUNDLED_DATASET,
         "output_dir": "./results-tiny",
         "new_model": "tiny-llama-finetune",
-        "num_train_epochs": 6,
-        "learning_rate": 3e-3,
+        "num_train_epochs": 10,
+        "learning_rate": 5e-3,
         "logging_steps": 5,
         "save_steps": 20,
         "allow_cpu": True,
@@ -173,6 +182,8 @@ PRESETS: dict[str, dict] = {
     # The seed project's exact settings, including fp16 compute (use only if you need to reproduce it).
     "seed": {
         "bnb_4bit_compute_dtype": "float16",
+        "performance_mode": "manual",
+        "use_liger_kernel": False,
         "train_on_answers_only": False,
         "eval_fraction": 0.0,
     },
@@ -205,6 +216,7 @@ def validate_config(cfg: Config) -> list[str]:
     check(cfg.optim in OPTIMIZERS, _choice_error("optim", cfg.optim, OPTIMIZERS))
     check(cfg.lr_scheduler_type in SCHEDULERS, _choice_error("lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS))
     check(cfg.report_to in REPORT_TO, _choice_error("report_to", cfg.report_to, REPORT_TO))
+    check(cfg.performance_mode in PERFORMANCE_MODES, _choice_error("performance_mode", cfg.performance_mode, PERFORMANCE_MODES))
     check(cfg.preset in ("", *PRESETS), _choice_error("preset", cfg.preset, PRESETS))
     check(cfg.max_seq_length >= 1, f"max_seq_length={cfg.max_seq_length} must be >= 1 (e.g. 256)")
     check(cfg.num_train_epochs > 0 or cfg.max_steps > 0, f"num_train_epochs={cfg.num_train_epochs} must be > 0 (or set max_steps)")

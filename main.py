@@ -20,10 +20,11 @@ import torch
 from config import Config, ConfigError, parse_config
 from data_preparation import DataError, prepare_datasets
 from inference import GenerationSettings, generate, make_generator
-from model_setup import SetupError, add_lora, load_base_model, load_tokenizer, resolve_runtime
+from model_setup import SetupError, add_lora, load_base_model, load_model_config, load_tokenizer, resolve_runtime
+from performance import apply_plan, plan_performance
 from report import build_metrics, compare_answers, eval_seconds, format_held_out, held_out_metrics, write_report
 from training import (StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
-                      free_memory, out_of_memory_message, prepare_output_dir, run_training, save_adapter)
+                      free_memory, micro_batch_of, out_of_memory_message, prepare_output_dir, run_training, save_adapter)
 
 USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError)
 
@@ -38,6 +39,9 @@ def train_and_save(cfg: Config, argv: list[str]) -> dict:
     runtime = resolve_runtime(cfg)
     print(f"device: {runtime.reason}")
     resume_from = prepare_output_dir(cfg)
+    plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(resume_from))
+    cfg = apply_plan(cfg, plan)
+    print(f"layout: {plan.reason}")
     tokenizer = load_tokenizer(cfg)
     train_rows, eval_rows = prepare_datasets(cfg, tokenizer)
     model = add_lora(load_base_model(cfg, runtime), cfg)

@@ -75,6 +75,13 @@ def resolve_model_path(model_name: str) -> str:
     return model_name
 
 
+def load_model_config(cfg: Config):
+    """The model's architecture (config.json only): enough to plan memory before loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(cfg.model_name), trust_remote_code=cfg.trust_remote_code)
+
+
 def build_bnb_config(cfg: Config, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 

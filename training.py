@@ -94,6 +94,7 @@ def build_sft_config(cfg: Config, runtime: Runtime, has_eval: bool):
         bf16=runtime.is_cuda and runtime.compute_dtype == torch.bfloat16,
         fp16=runtime.is_cuda and runtime.compute_dtype == torch.float16,
         use_cpu=not runtime.is_cuda,
+        use_liger_kernel=cfg.use_liger_kernel and runtime.is_cuda,
         include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=False,  # a NaN must surface, not be averaged away
         dataset_kwargs={"skip_prepare_dataset": False},
@@ -201,8 +202,20 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg: Config, runtime:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressWithLossLines())
+    keep_tensorboard_in_output_dir(trainer, cfg.output_dir)
     keep_adapter_fp32(trainer.model)  # undo TRL's bf16 cast of the LoRA weights (see model_setup)
     return trainer
+
+
+def keep_tensorboard_in_output_dir(trainer, output_dir: str) -> None:
+    """The TensorBoard callback picks its folder only when training starts; an evaluation before
+    that (the base model's held-out loss) would otherwise write to ./runs in the working directory."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(Path(output_dir) / default_logdir())
 
 
 def peak_memory(runtime: Runtime) -> tuple[float, str]:
@@ -345,6 +358,15 @@ def prepare_output_dir(cfg: Config) -> Path | None:
         for old in Path(cfg.output_dir).glob("checkpoint-*"):
             shutil.rmtree(old)
     return None
+
+
+def micro_batch_of(checkpoint: Path | None) -> int | None:
+    """The rows per forward pass a checkpoint was trained with: a resumed run must keep it so that
+    the data position (counted in forward passes) lands on the same rows."""
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("train_batch_size")
 
 
 def out_of_memory_message(cfg: Config) -> str:
