@@ -124,8 +124,15 @@ class Config:
         metadata={"help": "How the rows of a step (batch x accumulation) are split into forward passes: auto (from free GPU "
                           "memory), speed, memory, or manual (the fields above as set). Same math in every mode."},
     )
+    fp32_frozen_weights: bool = field(
+        default=False,
+        metadata={"help": "Keep the frozen non-4-bit weights (norms, embeddings, output layer) in float32, as PEFT's "
+                          "k-bit preparation does. False keeps them in the compute dtype: less memory and traffic."},
+    )
     use_liger_kernel: bool = field(
-        default=True, metadata={"help": "Fused Triton kernels (liger-kernel) on a GPU when installed: faster, less memory."}
+        default=False,
+        metadata={"help": "Fused Triton kernels (liger-kernel) on a GPU when installed. Off: measured slower with NF4 + "
+                          "LoRA here (BENCHMARKS.md), and they recompile for each new sequence length."},
     )
     # ---------------------------------------------------------------- logging, evaluation, checkpoints
     logging_steps: int = field(default=25, metadata={"help": "Print and log the loss every this many optimizer steps."})
@@ -184,6 +191,7 @@ PRESETS: dict[str, dict] = {
         "bnb_4bit_compute_dtype": "float16",
         "performance_mode": "manual",
         "use_liger_kernel": False,
+        "fp32_frozen_weights": True,
         "train_on_answers_only": False,
         "eval_fraction": 0.0,
     },
@@ -264,20 +272,21 @@ def _preset_from_argv(argv: list[str]) -> str:
     return ""
 
 
-def _unknown_flags(argv: list[str]) -> list[str]:
-    """Each --flag that is not a Config field, with the closest field names as a hint."""
+def _unknown_flags(argv: list[str], parser) -> list[str]:
+    """Each --flag the parser does not know, with the closest field names as a hint."""
     import difflib
 
+    known = {option for option in parser._option_string_actions if option.startswith("--")}
     names = [f.name for f in dataclasses.fields(Config)]
     problems = []
     for arg in argv:
-        if not arg.startswith("--") or arg in ("--help",):
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--") or flag in known:
             continue
-        name = arg[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and not (name.startswith("no_") and name[3:] in names):
-            close = difflib.get_close_matches(name, names, n=3)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            problems.append(f"--{name} is not a setting{hint} (`python main.py --help` lists them all)")
+        name = flag[2:].replace("-", "_")
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        problems.append(f"--{name} is not a setting{hint} (`python main.py --help` lists them all)")
     return problems
 
 
@@ -291,7 +300,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if preset and preset not in PRESETS:
         raise ConfigError(_choice_error("preset", preset, PRESETS))
     parser = _build_parser(PRESETS.get(preset, {}))
-    unknown = _unknown_flags(argv)
+    unknown = _unknown_flags(argv, parser)
     if unknown:
         raise ConfigError("unknown setting(s):\n  - " + "\n  - ".join(unknown))
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)

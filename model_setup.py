@@ -191,10 +191,35 @@ def add_lora(model, cfg: Config):
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        if not cfg.fp32_frozen_weights:
+            cast_frozen_weights(model, compute_dtype_of(model))
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    # LoRA's A matrices are drawn from the global RNG: seed it here, or the adapter's start (and
+    # so the whole run) depends on whatever consumed random numbers before.
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
     return get_peft_model(model, build_lora_config(cfg))
+
+
+def compute_dtype_of(model) -> torch.dtype:
+    import bitsandbytes as bnb
+
+    layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    return layer.compute_dtype if layer is not None and layer.compute_dtype is not None else torch.float32
+
+
+def cast_frozen_weights(model, dtype: torch.dtype) -> None:
+    """Frozen float weights (norms, embeddings, output layer) back to the compute dtype.
+
+    Under autocast their matmuls run in that dtype anyway; kept in float32 they cost memory,
+    a cast on every use, and turn the residual stream into float32.
+    """
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32 and dtype != torch.float32:
+            param.data = param.data.to(dtype)
 
 
 def keep_adapter_fp32(model) -> None:

@@ -6,7 +6,8 @@ passes and how activations are kept, so every mode trains the same model up to f
 
 - auto   : the largest micro-batch (and no checkpointing if possible) that fits the free GPU memory
 - speed  : all rows of a step in one forward pass, no checkpointing (needs memory)
-- memory : one row per forward pass with checkpointing (the seed's layout: smallest peak)
+- memory : all rows of a step in one forward pass, with checkpointing (measured leaner *and* 7x
+           faster than the seed's one row per pass: the frozen weights dominate the peak)
 - manual : exactly the batch/accumulation/checkpointing fields as set
 
     plan = plan_performance(cfg, runtime, model_config)      # before the model is loaded
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 
 from config import Config
 
-# Activation bytes per token per (layer x hidden) unit, fitted to measurements of Llama-2-7B shape
-# with NF4 + LoRA q/v at 256 tokens (BENCHMARKS.md): without checkpointing every layer keeps its
-# attention/MLP intermediates; with it, one bf16 hidden state per layer plus recompute buffers.
-ACT_BYTES_NO_CKPT = 56
-ACT_BYTES_CKPT = 7
+# Activation bytes per token per (layer x hidden) unit, fitted to peaks measured on the Llama-2-7B
+# shape with NF4 + LoRA q/v, bf16, 8 rows of up to 256 tokens (BENCHMARKS.md: 11.5 GiB without
+# checkpointing, 5.0 GiB with): without checkpointing every layer keeps its attention/MLP
+# intermediates; with it, one bf16 hidden state per layer plus one layer's recompute buffers.
+ACT_BYTES_NO_CKPT = 26
+ACT_BYTES_CKPT = 3
 LOGIT_BYTES_PER_VOCAB = 12  # fp32 logits, their softmax and gradient (without a fused loss kernel)
 SAFETY = 0.85  # leave 15% of the free memory for fragmentation and the allocator's cache
 
@@ -37,6 +39,7 @@ class Plan:
     checkpointing: bool
     use_liger: bool
     reason: str
+    optim: str = ""
 
 
 def liger_available(runtime) -> tuple[bool, str]:
@@ -47,12 +50,13 @@ def liger_available(runtime) -> tuple[bool, str]:
     return True, "liger kernels on (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)"
 
 
-def weight_bytes(model_config, quantized: bool) -> float:
+def weight_bytes(model_config, quantized: bool, fp32_frozen: bool) -> float:
     h, L, v = model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size
     kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
     matmul = L * (2 * h * h + 2 * h * kv + 3 * h * model_config.intermediate_size)
     per_weight = 0.53 if quantized else 2  # NF4: 4 bits + absmax per 64 values
-    return matmul * per_weight + 2 * v * h * 4 + 1.0 * 2**30  # embed + lm_head in fp32, + ~1 GiB CUDA context
+    embed_and_head = 2 * v * h * (4 if fp32_frozen else 2)
+    return matmul * per_weight + embed_and_head + 1.0 * 2**30  # + ~1 GiB for the CUDA context and LoRA state
 
 
 def activation_bytes(model_config, tokens: int, checkpointing: bool, fused_loss: bool) -> float:
@@ -75,7 +79,15 @@ def layouts(rows_per_step: int) -> list[tuple[int, bool]]:
 
 def plan_performance(cfg: Config, runtime, model_config, free_bytes: float | None = None,
                      resumed_micro_batch: int | None = None) -> Plan:
-    """Decide micro-batch, checkpointing and kernels for this run, and say why."""
+    """Decide micro-batch, checkpointing, kernels and optimizer for this run, and say why."""
+    plan = plan_layout(cfg, runtime, model_config, free_bytes, resumed_micro_batch)
+    plan.optim, why = optimizer_for(cfg, runtime)
+    plan.reason += why
+    return plan
+
+
+def plan_layout(cfg: Config, runtime, model_config, free_bytes: float | None,
+                resumed_micro_batch: int | None) -> Plan:
     rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     liger, liger_reason = liger_available(runtime) if cfg.use_liger_kernel else (False, "liger kernels off (use_liger_kernel=False)")
     if resumed_micro_batch and cfg.performance_mode != "manual" and rows % resumed_micro_batch == 0:
@@ -88,12 +100,12 @@ def plan_performance(cfg: Config, runtime, model_config, free_bytes: float | Non
     if cfg.performance_mode == "speed":
         return Plan(rows, 1, False, liger, f"speed: {rows} rows per forward pass, no checkpointing; {liger_reason}")
     if cfg.performance_mode == "memory":
-        return Plan(1, rows, True, liger, f"memory: 1 row per forward pass, checkpointing; {liger_reason}")
+        return Plan(rows, 1, True, liger, f"memory: {rows} rows per forward pass, checkpointing; {liger_reason}")
     if free_bytes is None:
         import torch
 
         free_bytes = torch.cuda.mem_get_info(runtime.device)[0]
-    budget = free_bytes * SAFETY - weight_bytes(model_config, cfg.use_4bit)
+    budget = free_bytes * SAFETY - weight_bytes(model_config, cfg.use_4bit, cfg.fp32_frozen_weights)
     for micro, ckpt in layouts(rows):
         need = activation_bytes(model_config, micro * cfg.max_seq_length, ckpt, fused_loss=liger)
         if need <= budget:
@@ -104,7 +116,17 @@ def plan_performance(cfg: Config, runtime, model_config, free_bytes: float | Non
     return Plan(1, rows, True, liger, f"auto: little memory free ({free_bytes / 2**30:.1f} GiB), the leanest layout; {liger_reason}")
 
 
+def optimizer_for(cfg: Config, runtime) -> tuple[str, str]:
+    """Paged AdamW guards against memory spikes of a large optimizer state; LoRA's is tiny
+    (16.8M parameters x 8 bytes = 0.13 GiB for the 7B default), so on a GPU the same AdamW update
+    runs as one fused kernel instead."""
+    if cfg.performance_mode != "manual" and runtime.is_cuda and cfg.optim == "paged_adamw_32bit":
+        return "adamw_torch_fused", "; AdamW fused (same update as paged_adamw_32bit)"
+    return cfg.optim, ""
+
+
 def apply_plan(cfg: Config, plan: Plan) -> Config:
     return dataclasses.replace(cfg, per_device_train_batch_size=plan.micro_batch,
                                gradient_accumulation_steps=plan.accumulation,
-                               gradient_checkpointing=plan.checkpointing, use_liger_kernel=plan.use_liger)
+                               gradient_checkpointing=plan.checkpointing, use_liger_kernel=plan.use_liger,
+                               optim=plan.optim or cfg.optim)
