@@ -210,3 +210,15 @@ def test_max_length_too_small_for_any_prompt(tokenizer):
 def test_truncation_keeps_max_length(tokenizer):
     row = dp.tokenize_text(cleaned(ROW), tokenizer, 12, True)
     assert len(row["input_ids"]) == len(row["labels"]) == 12
+
+
+def test_separate_held_out_file_is_used_whole(tmp_path, tokenizer):
+    from config import parse_config
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": ROW}, {"text": MULTI}, {"text": SYSTEM}])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": ROW}])
+    cfg = parse_config(["--preset", "tiny", "--dataset_name", str(train), "--eval_dataset", str(held)])
+    lines = []
+    train_rows, eval_rows = dp.prepare_datasets(cfg, tokenizer, printer=lines.append)
+    assert (len(train_rows), len(eval_rows)) == (3, 1)  # eval_fraction is ignored when a file is given
+    assert "3 training rows, 1 held-out rows" in lines[-1]

@@ -176,3 +176,14 @@ def test_lora_target_that_does_not_exist(make_config):
     runtime = resolve_runtime(cfg)
     with pytest.raises(SetupError, match=r"\['query_key_value'\] match no linear layer.*q_proj"):
         add_lora(load_base_model(cfg, runtime), cfg)
+
+
+def test_missing_tensorboard_warns_once_and_training_goes_on(make_config, monkeypatch):
+    import importlib.util
+
+    import training
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    with pytest.warns(UserWarning, match="tensorboard is not installed"):
+        assert training.report_to(make_config("--report_to", "tensorboard")) == ["none"]
