@@ -58,7 +58,7 @@ def test_generation_stops_with_eos_before_the_limit(tiny_run):
     model, tokenizer, cfg = load_for_inference(out / "tiny-llama-finetune")
     stopped = []
     for question, _ in trained_rows(out)[:10]:
-        ids = tokenizer(dp.format_prompt(question), return_tensors="pt")
+        ids = tokenizer(dp.format_prompt(question), return_tensors="pt").to(model.device)
         with torch.no_grad():
             generated = model.generate(**ids, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()

@@ -35,7 +35,7 @@ def snapshot(model, lora: bool):
 def mean_loss(model, batch):
     model.eval()
     with torch.no_grad():
-        return model(**batch).loss.item()
+        return model(**{k: v.to(model.device) for k, v in batch.items()}).loss.item()
 
 
 def batch_of(tokenizer, data):
@@ -97,7 +97,7 @@ def test_training_still_updates_after_eval_and_generation(make_config):
     runtime, tokenizer, model = setup(cfg)
     data = rows(tokenizer)
     mean_loss(model, batch_of(tokenizer, data))  # an eval forward under no_grad
-    prompt = tokenizer(dp.format_prompt("Who wrote Hamlet?"), return_tensors="pt")
+    prompt = tokenizer(dp.format_prompt("Who wrote Hamlet?"), return_tensors="pt").to(model.device)
     with torch.no_grad():
         model.generate(**prompt, max_new_tokens=3, do_sample=False)
     model.train()
@@ -115,7 +115,7 @@ def test_saved_adapter_reloads_to_identical_logits(make_config, tmp_path):
     data = rows(tokenizer)
     train(cfg, tokenizer, model, runtime, data)
     path = save_adapter(model, tokenizer, cfg)
-    inputs = {"input_ids": torch.tensor([data[0]["input_ids"]])}
+    inputs = {"input_ids": torch.tensor([data[0]["input_ids"]], device=model.device)}
     model.eval()
     with torch.no_grad():
         expected = model(**inputs).logits
