@@ -167,6 +167,7 @@ def run_mode(name: str, overrides: dict, model_dir: Path, rows, steps: int, warm
     result = {"mode": name, "limit_gib": limit_gib, "layout": plan.reason,
               "micro_batch": cfg.per_device_train_batch_size, "accumulation": cfg.gradient_accumulation_steps,
               "checkpointing": cfg.gradient_checkpointing, "liger": cfg.use_liger_kernel, "optim": cfg.optim,
+              "dequantized": cfg.dequantize_frozen,
               "compute_dtype": str(runtime.compute_dtype)}
     try:
         trainer.train()
@@ -200,7 +201,7 @@ def table(results: list[dict]) -> str:
 def layout_text(r: dict) -> str:
     dtype = r["compute_dtype"].replace("torch.", "")
     return (f"{dtype}, {r['micro_batch']}x{r['accumulation']}, ckpt {'on' if r['checkpointing'] else 'off'}, "
-            f"{'liger' if r['liger'] else 'no liger'}, {r['optim']}")
+            f"{'liger' if r['liger'] else 'no liger'}, {r['optim']}{', dequantised' if r.get('dequantized') else ''}")
 
 
 def main(argv=None) -> None:

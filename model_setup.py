@@ -201,7 +201,34 @@ def add_lora(model, cfg: Config):
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    return get_peft_model(model, build_lora_config(cfg))
+    model = get_peft_model(model, build_lora_config(cfg))
+    if cfg.dequantize_frozen:
+        dequantize_4bit_layers(model, compute_dtype_of(model))
+    return model
+
+
+def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
+    """Replace every 4-bit layer by a frozen nn.Linear holding its dequantised weight.
+
+    The values are exactly those the 4-bit kernel dequantises at each use, so training computes
+    the same function; it trades 2 bytes per weight of memory for the per-use dequantisation.
+    LoRA wrappers keep working: they call their base layer, whatever its class.
+    """
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                         device=weight.device, dtype=dtype)
+                linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
 
 
 def compute_dtype_of(model) -> torch.dtype:

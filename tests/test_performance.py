@@ -72,3 +72,12 @@ def test_resumed_run_keeps_the_checkpoints_micro_batch(monkeypatch):
     monkeypatch.setattr("performance.liger_available", lambda runtime: (False, "no liger"))
     plan = plan_performance(parse_config([]), GPU, LLAMA2_7B, free_bytes=80 * GiB, resumed_micro_batch=2)
     assert (plan.micro_batch, plan.accumulation) == (2, 4)
+
+
+def test_auto_keeps_weights_dequantised_only_where_they_fit(monkeypatch):
+    monkeypatch.setattr("performance.liger_available", lambda runtime: (False, "no liger"))
+    cfg = parse_config([])
+    assert plan_performance(cfg, GPU, LLAMA2_7B, free_bytes=80 * GiB).dequantize
+    assert not plan_performance(cfg, GPU, LLAMA2_7B, free_bytes=16 * GiB).dequantize
+    assert not plan_performance(parse_config(["--performance_mode", "memory"]), GPU, LLAMA2_7B, free_bytes=80 * GiB).dequantize
+    assert not plan_performance(parse_config(["--preset", "tiny"]), Runtime("cpu", None, "t"), LLAMA2_7B).dequantize

@@ -44,3 +44,21 @@ def test_frozen_weights_follow_the_compute_dtype(make_config):
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+
+
+def test_dequantised_frozen_weights_compute_the_same_function(make_config):
+    """dequantize_frozen swaps the 4-bit kernels for the very weights they dequantise: same logits, same loss."""
+    import bitsandbytes as bnb
+
+    from test_model_and_training import batch_of
+
+    _, tokenizer, quantised = setup(make_config("--max_steps", "1"))
+    _, _, dequantised = setup(make_config("--max_steps", "1", "--dequantize_frozen"))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dequantised.modules())
+    batch = batch_of(tokenizer, rows(tokenizer))
+    quantised.eval(), dequantised.eval()
+    with torch.no_grad():
+        assert torch.allclose(quantised(**batch).logits, dequantised(**batch).logits, atol=1e-5)
+    losses_q = step_losses(make_config(*COMMON))
+    losses_d = step_losses(make_config(*COMMON, "--dequantize_frozen"))
+    assert losses_d == pytest.approx(losses_q, abs=1e-4)
