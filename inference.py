@@ -66,10 +66,6 @@ def generate(generator, question: str, settings: GenerationSettings) -> str:
     return out[0]["generated_text"].strip()
 
 
-def generate_many(generator, questions: list[str], settings: GenerationSettings) -> list[str]:
-    return [generate(generator, q, settings) for q in questions]
-
-
 # ---------------------------------------------------------------------------- loading an adapter
 
 def read_adapter_config(adapter: Path) -> Config:
