@@ -28,11 +28,11 @@ BUNDLED_DATASET = "data/sample.jsonl"
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
 OPTIMIZERS = (
-    "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd",
+    "auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd",
 )
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "none")
-PERFORMANCE_MODES = ("auto", "speed", "memory", "manual")
+PERFORMANCE_MODES = ("auto", "speed", "memory")
 
 
 @dataclass
@@ -97,18 +97,35 @@ class Config:
     # ---------------------------------------------------------------- training
     num_train_epochs: float = field(default=10, metadata={"help": "Passes over the training rows."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = run all epochs)."})
-    per_device_train_batch_size: int = field(default=1, metadata={"help": "Rows per forward pass on each device."})
-    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Rows per forward pass when evaluating."})
-    gradient_accumulation_steps: int = field(
-        default=8, metadata={"help": "Forward passes per optimizer step: rows per step = batch size x this x GPUs (1 x 8 = 8)."}
+    rows_per_step: int = field(
+        default=8,
+        metadata={"help": "Rows per optimizer step, over all GPUs: the math of a step (the seed's batch 1 x accumulation 8). "
+                          "How they are split into forward passes is a speed/memory choice that leaves the math alone."},
     )
-    gradient_checkpointing: bool = field(
-        default=True, metadata={"help": "Recompute activations in backward: much less memory, ~30% more compute."}
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per forward pass on each device. None = auto: chosen with performance_mode from the "
+                          "free GPU memory (1 on a CPU, as the seed)."},
+    )
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Rows per forward pass when evaluating."})
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={"help": "Forward passes per optimizer step. None = auto: rows_per_step / (batch size x GPUs). "
+                          "Set both this and the batch size and rows_per_step follows from them."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in backward: much less memory, ~30%% more compute. None = auto "
+                          "(on where memory needs it, and on a CPU as the seed).", "nargs": "?", "const": True},
     )
     max_grad_norm: float = field(default=0.3, metadata={"help": "Clip the gradient norm to this (QLoRA paper's value)."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of the LoRA weights."})
     weight_decay: float = field(default=0.001, metadata={"help": "AdamW weight decay on the LoRA weights."})
-    optim: str = field(default="paged_adamw_32bit", metadata={"help": f"Optimizer, one of {OPTIMIZERS}."})
+    optim: str = field(
+        default="auto",
+        metadata={"help": f"Optimizer, one of {OPTIMIZERS}. auto: AdamW fused into one kernel on a GPU, plain AdamW on a "
+                          "CPU: the update of the seed's paged_adamw_32bit (LoRA's optimizer state is small, paging buys nothing)."},
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": f"Learning-rate schedule, one of {SCHEDULERS}."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of the steps spent warming the learning rate up, in [0, 1)."})
     group_by_length: bool = field(
@@ -119,21 +136,46 @@ class Config:
     )
     packing: bool = field(default=False, metadata={"help": "Pack several rows into one max_seq_length sequence."})
     seed: int = field(default=42, metadata={"help": "Seed for the data order, LoRA init and dropout."})
+    # ---------------------------------------------------------------- speed and memory (performance.py decides)
+    # Every field below left at None (or auto) is chosen by performance.plan_performance, which prints each
+    # choice and why; a value you set here or on the command line is what runs.
     performance_mode: str = field(
         default="auto",
-        metadata={"help": "How the rows of a step (batch x accumulation) are split into forward passes: auto (from free GPU "
-                          "memory), speed, memory, or manual (the fields above as set). Same math in every mode."},
+        metadata={"help": "How the fields below that you leave at None are chosen: auto (the fastest layout that fits the "
+                          "free GPU memory), speed (fastest, whatever the memory), memory (leanest). Same math in every mode."},
     )
     fp32_frozen_weights: bool = field(
         default=False,
         metadata={"help": "Keep the frozen non-4-bit weights (norms, embeddings, output layer) in float32, as PEFT's "
                           "k-bit preparation does. False keeps them in the compute dtype: less memory and traffic."},
     )
-    dequantize_frozen: bool = field(
-        default=False,
+    dequantize_frozen: bool | None = field(
+        default=None,
         metadata={"help": "GPU speed option: after 4-bit loading, keep the frozen weights dequantised in the compute dtype "
                           "(the same values the 4-bit kernels compute with; 2 bytes/param: 13 GiB for 7B) instead of "
-                          "dequantising them at every use."},
+                          "dequantising them at every use. None = auto (on where it fits).", "nargs": "?", "const": True},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Pad each batch's length up to a multiple of this (1 = no rounding). None = auto: 64 on a GPU, "
+                          "so a run meets a handful of shapes instead of one per length (each new shape costs kernel "
+                          "plans or a recompile), 1 on a CPU. Padding carries no loss: the math is unchanged."},
+    )
+    cudnn_attention: bool | None = field(
+        default=None,
+        metadata={"help": "Let PyTorch's attention use its cuDNN kernels. None = auto: off, because cuDNN builds a plan "
+                          "for every new sequence length (~2 s each, measured on an H200).", "nargs": "?", "const": True},
+    )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Concatenate the rows of a forward pass into one sequence with no padding at all (attention "
+                          "kept within each row through position ids). None = auto (see performance.py).",
+                  "nargs": "?", "const": True},
+    )
+    torch_compile: bool | None = field(
+        default=None,
+        metadata={"help": "Compile each decoder layer with torch.compile (fused elementwise work; a one-off compile of "
+                          "~1 min at the start). None = auto (see performance.py).", "nargs": "?", "const": True},
     )
     use_liger_kernel: bool = field(
         default=False,
@@ -195,7 +237,13 @@ PRESETS: dict[str, dict] = {
     # The seed project's exact settings, including fp16 compute (use only if you need to reproduce it).
     "seed": {
         "bnb_4bit_compute_dtype": "float16",
-        "performance_mode": "manual",
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 8,
+        "gradient_checkpointing": True,
+        "optim": "paged_adamw_32bit",
+        "dequantize_frozen": False,
+        "pad_to_multiple_of": 1,
+        "torch_compile": False,
         "use_liger_kernel": False,
         "fp32_frozen_weights": True,
         "train_on_answers_only": False,
@@ -235,9 +283,14 @@ def validate_config(cfg: Config) -> list[str]:
     check(cfg.max_seq_length >= 1, f"max_seq_length={cfg.max_seq_length} must be >= 1 (e.g. 256)")
     check(cfg.num_train_epochs > 0 or cfg.max_steps > 0, f"num_train_epochs={cfg.num_train_epochs} must be > 0 (or set max_steps)")
     check(cfg.max_steps == -1 or cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be -1 (off) or >= 1")
-    check(cfg.per_device_train_batch_size >= 1, f"per_device_train_batch_size={cfg.per_device_train_batch_size} must be >= 1")
+    check(cfg.rows_per_step >= 1, f"rows_per_step={cfg.rows_per_step} must be >= 1 (the seed's is 8)")
+    check(cfg.per_device_train_batch_size is None or cfg.per_device_train_batch_size >= 1,
+          f"per_device_train_batch_size={cfg.per_device_train_batch_size} must be >= 1 (or None for auto)")
     check(cfg.per_device_eval_batch_size >= 1, f"per_device_eval_batch_size={cfg.per_device_eval_batch_size} must be >= 1")
-    check(cfg.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be >= 1")
+    check(cfg.gradient_accumulation_steps is None or cfg.gradient_accumulation_steps >= 1,
+          f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be >= 1 (or None for auto)")
+    check(cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of >= 1,
+          f"pad_to_multiple_of={cfg.pad_to_multiple_of} must be >= 1 (1 = no rounding, or None for auto)")
     check(cfg.max_grad_norm > 0, f"max_grad_norm={cfg.max_grad_norm} must be > 0 (e.g. 0.3)")
     check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
     check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1) (e.g. 0.03)")

@@ -21,12 +21,13 @@ from config import Config, ConfigError, parse_config
 from data_preparation import DataError, prepare_datasets
 from inference import GenerationSettings, generate, make_generator
 from model_setup import SetupError, add_lora, load_base_model, load_model_config, load_tokenizer, resolve_runtime
-from performance import apply_plan, plan_performance
-from report import build_metrics, compare_answers, eval_seconds, format_held_out, held_out_metrics, write_report
-from training import (StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
+from performance import PlanError, apply_plan, format_plan, plan_performance
+from report import (PhaseClock, build_metrics, compare_answers, eval_seconds, format_held_out, format_phases,
+                    held_out_metrics, write_report)
+from training import (OutOfMemory, StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
                       free_memory, micro_batch_of, out_of_memory_message, prepare_output_dir, run_training, save_adapter)
 
-USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, PlanError)
 
 
 class Interrupted(Exception):
@@ -35,30 +36,44 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def train_and_save(cfg: Config, argv: list[str]) -> dict:
+def train_and_save(cfg: Config, argv: list[str], clock: PhaseClock) -> dict:
     runtime = resolve_runtime(cfg)
     print(f"device: {runtime.reason}")
     resume_from = prepare_output_dir(cfg)
     plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(resume_from))
-    cfg = apply_plan(cfg, plan)
-    print(f"layout: {plan.reason}")
-    tokenizer = load_tokenizer(cfg)
-    train_rows, eval_rows = prepare_datasets(cfg, tokenizer)
-    model = add_lora(load_base_model(cfg, runtime), cfg)
+    cfg = apply_plan(cfg, plan)  # from here on, cfg holds the values that run
+    print(format_plan(plan))
+    try:
+        return train_with_plan(cfg, runtime, resume_from, argv, clock)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory_message(cfg)) from None
+
+
+def train_with_plan(cfg: Config, runtime, resume_from, argv: list[str], clock: PhaseClock) -> dict:
+    with clock.phase("load"):
+        tokenizer = load_tokenizer(cfg)
+    with clock.phase("data"):
+        train_rows, eval_rows = prepare_datasets(cfg, tokenizer)
+    with clock.phase("load"):
+        model = add_lora(load_base_model(cfg, runtime), cfg)
     print(format_parameter_counts(model))
     stop = StopOnSignal().install()
     try:
         trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, runtime, callbacks=[stop])
-        before = held_out_metrics(trainer, base_model=True)
-        summary = run_training(trainer, runtime, str(resume_from) if resume_from else None)
+        with clock.phase("evaluation"):
+            before = held_out_metrics(trainer, base_model=True)
+        with clock.phase("train"):
+            summary = run_training(trainer, runtime, str(resume_from) if resume_from else None)
     finally:
         stop.uninstall()
-    adapter = save_adapter(trainer.model, tokenizer, cfg)
+    with clock.phase("save"):
+        adapter = save_adapter(trainer.model, tokenizer, cfg)
     if stop.received is not None:
         raise Interrupted(stop.received, interrupted_message(trainer.state.global_step, adapter, cfg, argv))
-    after = held_out_metrics(trainer)
+    with clock.phase("evaluation"):
+        after = held_out_metrics(trainer)
     return {"trainer": trainer, "tokenizer": tokenizer, "summary": summary, "adapter": adapter,
-            "before": before, "after": after}
+            "before": before, "after": after, "cfg": cfg}
 
 
 def interrupted_message(step: int, adapter, cfg: Config, argv: list[str]) -> str:
@@ -67,17 +82,19 @@ def interrupted_message(step: int, adapter, cfg: Config, argv: list[str]) -> str
             f"resume with: python main.py {args} --resume latest".replace("  ", " "))
 
 
-def evaluate_and_report(cfg: Config, run: dict) -> dict:
+def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
     free_memory()  # as the seed: give cached GPU memory back before generating
     trainer, summary = run["trainer"], run["summary"]
     settings = GenerationSettings.from_config(cfg)
-    generator = make_generator(trainer.model, run["tokenizer"])
-    answer = generate(generator, cfg.example_prompt, settings)
-    answers = compare_answers(trainer.model, generator, cfg.report_prompts, settings, generate)
+    with clock.phase("generation"):
+        generator = make_generator(trainer.model, run["tokenizer"])
+        answer = generate(generator, cfg.example_prompt, settings)
+        answers = compare_answers(trainer.model, generator, cfg.report_prompts, settings, generate)
+    phases = clock.split(eval_seconds(trainer.state.log_history))
     metrics = build_metrics(cfg, summary, run["before"], run["after"], trainer.state.log_history,
-                            eval_seconds(trainer.state.log_history))
+                            eval_seconds(trainer.state.log_history), phases)
     paths = write_report(cfg.output_dir, metrics, answers)
-    print(f"\n{format_summary(summary)}\n{format_held_out(run['before'], run['after'])}")
+    print(f"\n{format_summary(summary)}\n{format_phases(phases)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
     print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
     return {**run, "answer": answer, "paths": paths}
@@ -85,8 +102,9 @@ def evaluate_and_report(cfg: Config, run: dict) -> dict:
 
 def run(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_config(argv)
-    return evaluate_and_report(cfg, train_and_save(cfg, argv))
+    clock = PhaseClock()
+    result = train_and_save(parse_config(argv), argv, clock)
+    return evaluate_and_report(result["cfg"], result, clock)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,16 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     try:
         run(argv)
+    except OutOfMemory as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 128 + exc.signum
-    except torch.OutOfMemoryError:
-        cfg = parse_config(argv)
-        print(f"error: {out_of_memory_message(cfg)}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print("\naborted (nothing saved from the step in progress)", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -132,6 +132,16 @@ def disable_bnb_cpu_repack(model) -> int:
     return count
 
 
+def configure_attention(cfg: Config, runtime: Runtime) -> None:
+    """Process-wide attention kernel choice; cuDNN's is off unless asked for (cfg.cudnn_attention).
+
+    cuDNN's attention builds an execution plan for every new sequence length, about 2 s each on an
+    H200: a length-grouped run, or generation, would stall again and again.
+    """
+    if runtime.is_cuda:
+        torch.backends.cuda.enable_cudnn_sdp(bool(cfg.cudnn_attention))
+
+
 def _placement(runtime: Runtime):
     return {"": runtime.device} if runtime.is_cuda else None
 
@@ -141,6 +151,7 @@ def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None
     from transformers import AutoModelForCausalLM
 
     quantized = cfg.use_4bit if quantized is None else quantized
+    configure_attention(cfg, runtime)
     kwargs = dict(dtype=runtime.compute_dtype, device_map=_placement(runtime), trust_remote_code=cfg.trust_remote_code)
     if quantized:
         kwargs["quantization_config"] = build_bnb_config(cfg, runtime.compute_dtype)
@@ -188,7 +199,7 @@ def add_lora(model, cfg: Config):
         # inputs do not require grad, and does not compose with torch.compile.
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         if not cfg.fp32_frozen_weights:
@@ -204,11 +215,25 @@ def add_lora(model, cfg: Config):
     model = get_peft_model(model, build_lora_config(cfg))
     if cfg.dequantize_frozen:
         dequantize_4bit_layers(model, compute_dtype_of(model))
+    if cfg.torch_compile:
+        compile_decoder_layers(model)
     return model
 
 
+class DequantizedLinear(torch.nn.Linear):
+    """A frozen linear layer holding the dequantised values of a 4-bit one, with its dtype contract.
+
+    Like bitsandbytes' Linear4bit, it computes in the weight's dtype and hands back the input's
+    dtype: outside autocast (generation after training with float32 norms, say) a float32 hidden
+    state meets a bf16 weight, which plain nn.Linear refuses ("expected m1 and m2 to have the same dtype").
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
-    """Replace every 4-bit layer by a frozen nn.Linear holding its dequantised weight.
+    """Replace every 4-bit layer by a frozen DequantizedLinear holding its dequantised weight.
 
     The values are exactly those the 4-bit kernel dequantises at each use, so training computes
     the same function; it trades 2 bytes per weight of memory for the per-use dequantisation.
@@ -221,14 +246,34 @@ def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
                 weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                         device=weight.device, dtype=dtype)
+                linear = DequantizedLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                           device=weight.device, dtype=dtype)
                 linear.weight = torch.nn.Parameter(weight, requires_grad=False)
                 if child.bias is not None:
                     linear.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
                 setattr(parent, name, linear)
                 replaced += 1
     return replaced
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a (PEFT-wrapped) causal LM."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (one compiled graph serves them all).
+
+    Layer by layer rather than the whole model: the mask building, the loss and PEFT's wrappers
+    stay eager, the layers' elementwise work (norms, rotary, SiLU, LoRA dropout and scaling) fuses,
+    and sequence lengths are compiled as dynamic so varying batch shapes do not recompile.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def compute_dtype_of(model) -> torch.dtype:

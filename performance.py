@@ -1,24 +1,31 @@
-"""How fast a run goes: micro-batch, activation checkpointing and fused kernels, chosen from the GPU.
+"""Every speed and memory decision of a run, made in one place before the model loads.
 
-The rows per optimizer step (per_device_train_batch_size x gradient_accumulation_steps, 1 x 8 in
-the seed) fix the math. `performance_mode` only decides how those rows are split into forward
-passes and how activations are kept, so every mode trains the same model up to float rounding:
+`rows_per_step` (the seed's batch 1 x accumulation 8) fixes the math of an optimizer step. What is
+decided here only changes how those rows are computed: how many go through one forward pass,
+whether activations are recomputed, which kernels run, how batches are padded. Every choice
+trains the same model up to float rounding (tests/test_same_math.py).
 
-- auto   : the largest micro-batch (and no checkpointing if possible) that fits the free GPU memory
-- speed  : all rows of a step in one forward pass, no checkpointing (needs memory)
-- memory : all rows of a step in one forward pass, with checkpointing (measured leaner *and* 7x
-           faster than the seed's one row per pass: the frozen weights dominate the peak)
-- manual : exactly the batch/accumulation/checkpointing fields as set
+A field you set, in config.py or with a flag, is what runs. Only the fields left at None (or
+`optim="auto"`) are chosen, following `performance_mode`:
 
-    plan = plan_performance(cfg, runtime, model_config)      # before the model is loaded
-    cfg = apply_plan(cfg, plan)
+- auto   : the fastest layout that fits the free GPU memory
+- speed  : the fastest layout, whatever the memory (all rows of a step in one pass, no recomputation)
+- memory : the leanest layout (all rows in one pass, with recomputation: measured leaner *and*
+           faster than the seed's one row per pass, as the frozen weights dominate the peak)
+
+    plan = plan_performance(cfg, runtime, model_config)    # before the model loads
+    print(format_plan(plan))                                # each choice, and why
+    cfg = apply_plan(cfg, plan)                             # a Config in which every field is concrete
+
+Everything downstream (model_setup, training, the out-of-memory message) reads only that Config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from config import Config
 
@@ -30,26 +37,41 @@ ACT_BYTES_NO_CKPT = 26
 ACT_BYTES_CKPT = 3
 LOGIT_BYTES_PER_VOCAB = 12  # fp32 logits, their softmax and gradient (without a fused loss kernel)
 SAFETY = 0.85  # leave 15% of the free memory for fragmentation and the allocator's cache
+NF4_BYTES_PER_WEIGHT = 0.53  # 4 bits + one absmax per 64 values
+
+# Padding every batch to a multiple of this leaves at most 4 shapes at max_seq_length 256, instead
+# of one per row length: each new shape costs cuDNN plans or a recompile (BENCHMARKS.md).
+GPU_PAD_MULTIPLE = 64
+# Measured choices for the fields whose auto value does not depend on memory (BENCHMARKS.md).
+AUTO_PADDING_FREE = False
+AUTO_TORCH_COMPILE = False
+
+
+class PlanError(ValueError):
+    """The speed/memory settings contradict each other or this machine; the message says what to change."""
 
 
 @dataclass
 class Plan:
-    micro_batch: int
-    accumulation: int
+    micro_batch: int  # rows per forward pass on each device
+    accumulation: int  # forward passes per optimizer step
+    world_size: int  # processes (GPUs) taking part in each step
     checkpointing: bool
-    use_liger: bool
-    reason: str
-    optim: str = ""
-    dequantize: bool = False
+    optim: str
+    dequantize: bool
+    pad_to_multiple_of: int
+    padding_free: bool
+    torch_compile: bool
+    cudnn_attention: bool
+    liger: bool
+    notes: list[str] = field(default_factory=list)  # one line per decision: the value, then "set" or "auto: why"
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
 
 
-def liger_available(runtime) -> tuple[bool, str]:
-    if not runtime.is_cuda:
-        return False, "liger kernels off: they need a CUDA GPU (Triton)"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return False, "liger kernels off: liger-kernel is not installed (pip install liger-kernel)"
-    return True, "liger kernels on (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)"
-
+# ---------------------------------------------------------------------------- memory model
 
 def matmul_params(model_config) -> int:
     h, L = model_config.hidden_size, model_config.num_hidden_layers
@@ -57,12 +79,12 @@ def matmul_params(model_config) -> int:
     return L * (2 * h * h + 2 * h * kv + 3 * h * model_config.intermediate_size)
 
 
-def weight_bytes(model_config, quantized: bool, fp32_frozen: bool) -> float:
+def weight_bytes(model_config, quantized: bool, fp32_frozen: bool, dequantized: bool = False) -> float:
+    """Frozen weights on the GPU, plus ~1 GiB for the CUDA context and the LoRA state."""
     h, v = model_config.hidden_size, model_config.vocab_size
-    matmul = matmul_params(model_config)
-    per_weight = 0.53 if quantized else 2  # NF4: 4 bits + absmax per 64 values
+    per_weight = NF4_BYTES_PER_WEIGHT + (2 if dequantized else 0) if quantized else 2
     embed_and_head = 2 * v * h * (4 if fp32_frozen else 2)
-    return matmul * per_weight + embed_and_head + 1.0 * 2**30  # + ~1 GiB for the CUDA context and LoRA state
+    return matmul_params(model_config) * per_weight + embed_and_head + 1.0 * 2**30
 
 
 def activation_bytes(model_config, tokens: int, checkpointing: bool, fused_loss: bool) -> float:
@@ -72,88 +94,227 @@ def activation_bytes(model_config, tokens: int, checkpointing: bool, fused_loss:
     return tokens * (per_token + logits)
 
 
-def layouts(rows_per_step: int) -> list[tuple[int, bool]]:
-    """(micro_batch, checkpointing) from the fastest to the leanest, all with the same rows per step.
+def free_gpu_bytes(runtime) -> float:
+    import torch
+
+    return float(torch.cuda.mem_get_info(runtime.device)[0])
+
+
+# ---------------------------------------------------------------------------- the plan
+
+def world_size_from_env() -> int:
+    """Processes in this run: torchrun and accelerate launch set WORLD_SIZE; a plain run is 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def plan_performance(cfg: Config, runtime, model_config, free_bytes: float | None = None,
+                     world_size: int | None = None, resumed_micro_batch: int | None = None) -> Plan:
+    """Decide every speed/memory field that `cfg` leaves open, keep every one it sets, and say why.
+
+    free_bytes: free GPU memory to plan with (probed when None); world_size: processes per step
+    (WORLD_SIZE when None); resumed_micro_batch: the micro-batch of the checkpoint being resumed.
+    """
+    world_size = world_size or world_size_from_env()
+    notes: list[str] = []
+    liger = decide_liger(cfg, runtime, notes)
+    micro, accumulation = split_rows(cfg, world_size, resumed_micro_batch, notes)
+    if runtime.is_cuda and free_bytes is None and cfg.performance_mode == "auto":
+        free_bytes = free_gpu_bytes(runtime)
+    micro, accumulation, checkpointing = decide_layout(cfg, runtime, model_config, free_bytes, world_size,
+                                                       micro, accumulation, liger, notes)
+    dequantize = decide_dequantize(cfg, runtime, model_config, free_bytes, micro, checkpointing, liger, notes)
+    return Plan(
+        micro_batch=micro, accumulation=accumulation, world_size=world_size, checkpointing=checkpointing,
+        optim=decide_optim(cfg, runtime, notes), dequantize=dequantize,
+        pad_to_multiple_of=decide_padding(cfg, runtime, notes), padding_free=decide_padding_free(cfg, runtime, notes),
+        torch_compile=decide_compile(cfg, runtime, notes), cudnn_attention=decide_cudnn(cfg, runtime, notes),
+        liger=liger, notes=notes,
+    )
+
+
+def split_rows(cfg: Config, world_size: int, resumed_micro_batch: int | None,
+               notes: list[str]) -> tuple[int | None, int | None]:
+    """(micro-batch, accumulation) as far as the user fixed them; None where auto may choose.
+
+    Raises PlanError when the set values cannot give rows_per_step on world_size processes.
+    """
+    micro, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    if micro is not None and accumulation is not None:
+        rows = micro * accumulation * world_size
+        if rows != cfg.rows_per_step and cfg.rows_per_step != Config.rows_per_step:
+            raise PlanError(
+                f"per_device_train_batch_size={micro} x gradient_accumulation_steps={accumulation} x {world_size} "
+                f"process(es) = {rows} rows per step, but rows_per_step={cfg.rows_per_step}; set two of the three, "
+                "not all three")
+        return micro, accumulation
+    if cfg.rows_per_step % world_size:
+        raise PlanError(f"rows_per_step={cfg.rows_per_step} cannot be shared evenly by {world_size} processes; "
+                        f"use a multiple of {world_size} (e.g. --rows_per_step {world_size * max(1, cfg.rows_per_step // world_size)})")
+    per_device = cfg.rows_per_step // world_size
+    fixed = micro or accumulation
+    if fixed is not None and per_device % fixed:
+        name = "per_device_train_batch_size" if micro else "gradient_accumulation_steps"
+        raise PlanError(f"{name}={fixed} does not divide the {per_device} rows per step of each process "
+                        f"(rows_per_step={cfg.rows_per_step} / {world_size} process(es)); pick a divisor of {per_device}")
+    if micro is not None:
+        return micro, per_device // micro
+    if accumulation is not None:
+        return per_device // accumulation, accumulation
+    if resumed_micro_batch and per_device % resumed_micro_batch == 0:
+        # The data position of a checkpoint is counted in forward passes: keep its micro-batch.
+        notes.append(f"{resumed_micro_batch} rows per forward pass (auto: as in the checkpoint being resumed)")
+        return resumed_micro_batch, per_device // resumed_micro_batch
+    return None, None
+
+
+def layouts(per_device_rows: int, micro: int | None, checkpointing: bool | None) -> list[tuple[int, bool]]:
+    """(micro_batch, checkpointing) candidates from the fastest to the leanest, within what is fixed.
 
     Rough speed model: a forward pass of fewer than ~8 rows leaves the GPU partly idle, and
     checkpointing recomputes the forward pass (about 25% more work per step).
     """
-    sizes = [m for m in (64, 32, 16, 8, 4, 2, 1) if rows_per_step % m == 0 and m <= rows_per_step]
-    candidates = [(m, ckpt) for m in sizes for ckpt in (False, True)]
+    sizes = [micro] if micro else [m for m in (64, 32, 16, 8, 4, 2, 1) if per_device_rows % m == 0]
+    ckpts = [checkpointing] if checkpointing is not None else [False, True]
+    candidates = [(m, c) for m in sizes for c in ckpts]
     return sorted(candidates, key=lambda c: (min(c[0], 8) / 8 * (0.75 if c[1] else 1.0), c[0]), reverse=True)
 
 
-def plan_performance(cfg: Config, runtime, model_config, free_bytes: float | None = None,
-                     resumed_micro_batch: int | None = None) -> Plan:
-    """Decide micro-batch, checkpointing, kernels and optimizer for this run, and say why."""
-    plan = plan_layout(cfg, runtime, model_config, free_bytes, resumed_micro_batch)
-    plan.optim, why = optimizer_for(cfg, runtime)
-    plan.reason += why
-    plan.dequantize, why = dequantize_for(cfg, runtime, model_config, plan, free_bytes)
-    plan.reason += why
-    return plan
+def decide_layout(cfg: Config, runtime, model_config, free_bytes: float | None, world_size: int,
+                  micro: int | None, accumulation: int | None, liger: bool,
+                  notes: list[str]) -> tuple[int, int, bool]:
+    """(micro-batch, accumulation, checkpointing): the user's values, the open ones filled."""
+    per_device = micro * accumulation if micro and accumulation else cfg.rows_per_step // world_size
+    checkpointing = cfg.gradient_checkpointing
+    if micro is None or checkpointing is None:
+        micro, checkpointing = fill_layout(cfg, runtime, model_config, free_bytes, per_device, micro, checkpointing,
+                                           liger, notes)
+    if cfg.per_device_train_batch_size is not None or cfg.gradient_accumulation_steps is not None:
+        notes.append(f"{micro} rows per forward pass x {per_device // micro} accumulation (set)")
+    if cfg.gradient_checkpointing is not None:
+        notes.append(f"checkpointing {'on' if checkpointing else 'off'} (set)")
+    return micro, per_device // micro, checkpointing
 
 
-def dequantize_for(cfg: Config, runtime, model_config, plan: Plan, free_bytes: float | None) -> tuple[bool, str]:
-    """Keep the frozen weights dequantised when the memory allows: the same values, no per-use
-    dequantisation (measured 1.46x the plain-best tokens/s on the 7B shape, BENCHMARKS.md)."""
-    if cfg.performance_mode == "manual" or not runtime.is_cuda or not cfg.use_4bit:
-        return cfg.dequantize_frozen, ""
-    if cfg.performance_mode == "memory":
-        return False, ""
-    if free_bytes is None:
-        import torch
-
-        free_bytes = torch.cuda.mem_get_info(runtime.device)[0]
-    extra = matmul_params(model_config) * (2 - 0.53)  # bf16 copy instead of NF4
-    need = weight_bytes(model_config, True, cfg.fp32_frozen_weights) + extra + activation_bytes(
-        model_config, plan.micro_batch * cfg.max_seq_length, plan.checkpointing, fused_loss=plan.use_liger)
-    if need <= free_bytes * SAFETY:
-        return True, f"; frozen weights kept dequantised (+{extra / 2**30:.1f} GiB, fits)"
-    return False, "; frozen weights dequantised at each use (a dequantised copy would not fit)"
-
-
-def plan_layout(cfg: Config, runtime, model_config, free_bytes: float | None,
-                resumed_micro_batch: int | None) -> Plan:
-    rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    liger, liger_reason = liger_available(runtime) if cfg.use_liger_kernel else (False, "liger kernels off (use_liger_kernel=False)")
-    if resumed_micro_batch and cfg.performance_mode != "manual" and rows % resumed_micro_batch == 0:
-        return Plan(resumed_micro_batch, rows // resumed_micro_batch, cfg.gradient_checkpointing or resumed_micro_batch == 1,
-                    liger, f"resumed: {resumed_micro_batch} rows per forward pass as in the checkpoint; {liger_reason}")
-    if cfg.performance_mode == "manual" or not runtime.is_cuda:
-        why = "manual" if cfg.performance_mode == "manual" else "CPU: layout as configured"
-        return Plan(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing,
-                    liger, f"{why}; {liger_reason}")
-    if cfg.performance_mode == "speed":
-        return Plan(rows, 1, False, liger, f"speed: {rows} rows per forward pass, no checkpointing; {liger_reason}")
-    if cfg.performance_mode == "memory":
-        return Plan(rows, 1, True, liger, f"memory: {rows} rows per forward pass, checkpointing; {liger_reason}")
-    if free_bytes is None:
-        import torch
-
-        free_bytes = torch.cuda.mem_get_info(runtime.device)[0]
+def fill_layout(cfg: Config, runtime, model_config, free_bytes: float | None, per_device: int, micro: int | None,
+                checkpointing: bool | None, liger: bool, notes: list[str]) -> tuple[int, bool]:
+    if not runtime.is_cuda:
+        notes.append("CPU: the open layout fields keep the seed's values (1 row per forward pass, checkpointing)")
+        return micro or 1, True if checkpointing is None else checkpointing
+    if cfg.performance_mode in ("speed", "memory"):
+        lean = cfg.performance_mode == "memory"
+        notes.append(f"{cfg.performance_mode} mode: all {per_device} rows of a step in one forward pass, "
+                     f"checkpointing {'on' if lean else 'off'} (where not set)")
+        return micro or per_device, lean if checkpointing is None else checkpointing
+    candidates = layouts(per_device, micro, checkpointing)
     budget = free_bytes * SAFETY - weight_bytes(model_config, cfg.use_4bit, cfg.fp32_frozen_weights)
-    for micro, ckpt in layouts(rows):
-        need = activation_bytes(model_config, micro * cfg.max_seq_length, ckpt, fused_loss=liger)
+    for m, c in candidates:
+        need = activation_bytes(model_config, m * cfg.max_seq_length, c, fused_loss=liger)
         if need <= budget:
-            return Plan(micro, rows // micro, ckpt, liger,
-                        f"auto: {micro} rows per forward pass x {rows // micro} accumulation, checkpointing "
-                        f"{'on' if ckpt else 'off'} (needs ~{need / 2**30:.1f} of {budget / 2**30:.1f} GiB left "
-                        f"for activations); {liger_reason}")
-    return Plan(1, rows, True, liger, f"auto: little memory free ({free_bytes / 2**30:.1f} GiB), the leanest layout; {liger_reason}")
+            notes.append(f"auto: {m} rows per forward pass, checkpointing {'on' if c else 'off'}: activations need "
+                         f"~{need / 2**30:.1f} of the {budget / 2**30:.1f} GiB left after the weights")
+            return m, c
+    m, c = candidates[-1]
+    notes.append(f"auto: little GPU memory free ({free_bytes / 2**30:.1f} GiB): the leanest layout "
+                 f"({m} row(s) per pass, checkpointing {'on' if c else 'off'})")
+    return m, c
 
 
-def optimizer_for(cfg: Config, runtime) -> tuple[str, str]:
-    """Paged AdamW guards against memory spikes of a large optimizer state; LoRA's is tiny
-    (16.8M parameters x 8 bytes = 0.13 GiB for the 7B default), so on a GPU the same AdamW update
-    runs as one fused kernel instead."""
-    if cfg.performance_mode != "manual" and runtime.is_cuda and cfg.optim == "paged_adamw_32bit":
-        return "adamw_torch_fused", "; AdamW fused (same update as paged_adamw_32bit)"
-    return cfg.optim, ""
+def decide_dequantize(cfg: Config, runtime, model_config, free_bytes: float | None, micro: int,
+                      checkpointing: bool, liger: bool, notes: list[str]) -> bool:
+    """Keep the frozen weights dequantised when memory allows: the same values, no per-use
+    dequantisation (measured 1.3-1.8x the tokens/s on the 7B shape, BENCHMARKS.md)."""
+    if cfg.dequantize_frozen is not None:
+        if cfg.dequantize_frozen and not cfg.use_4bit:
+            raise PlanError("dequantize_frozen=True needs use_4bit=True (there is nothing to dequantise); drop one")
+        notes.append(f"frozen weights {'kept dequantised' if cfg.dequantize_frozen else 'dequantised at each use'} (set)")
+        return cfg.dequantize_frozen
+    if not runtime.is_cuda or not cfg.use_4bit or cfg.performance_mode == "memory":
+        return False
+    extra = matmul_params(model_config) * 2
+    if cfg.performance_mode == "speed":
+        notes.append(f"speed mode: frozen weights kept dequantised (+{extra / 2**30:.1f} GiB)")
+        return True
+    need = weight_bytes(model_config, True, cfg.fp32_frozen_weights, dequantized=True) + activation_bytes(
+        model_config, micro * cfg.max_seq_length, checkpointing, fused_loss=liger)
+    fits = need <= free_bytes * SAFETY
+    notes.append(f"auto: frozen weights {'kept dequantised' if fits else 'dequantised at each use'} "
+                 f"(a dequantised copy needs +{extra / 2**30:.1f} GiB: {'fits' if fits else 'does not fit'})")
+    return fits
+
+
+def decide_optim(cfg: Config, runtime, notes: list[str]) -> str:
+    """LoRA's AdamW state is small (16.8M parameters x 8 bytes = 0.13 GiB for the 7B default), so
+    paging it (the seed's paged_adamw_32bit) buys nothing; the same update runs fused on a GPU."""
+    if cfg.optim != "auto":
+        return cfg.optim
+    chosen = "adamw_torch_fused" if runtime.is_cuda else "adamw_torch"
+    notes.append(f"auto: optimizer {chosen} (the update of paged_adamw_32bit, {'one fused kernel' if runtime.is_cuda else 'on the CPU'})")
+    return chosen
+
+
+def decide_padding(cfg: Config, runtime, notes: list[str]) -> int:
+    if cfg.pad_to_multiple_of is not None:
+        return cfg.pad_to_multiple_of
+    if not runtime.is_cuda:
+        return 1
+    notes.append(f"auto: batches padded to a multiple of {GPU_PAD_MULTIPLE} tokens (a few shapes instead of one per "
+                 "length: each new shape costs kernel plans)")
+    return GPU_PAD_MULTIPLE
+
+
+def decide_padding_free(cfg: Config, runtime, notes: list[str]) -> bool:
+    if cfg.padding_free is not None:
+        if cfg.padding_free and cfg.packing:
+            raise PlanError("padding_free=True and packing=True both rearrange the rows of a batch; choose one")
+        return cfg.padding_free
+    chosen = AUTO_PADDING_FREE and runtime.is_cuda and not cfg.packing
+    if runtime.is_cuda:
+        notes.append(f"auto: padding-free batches {'on' if chosen else 'off'} (measured, BENCHMARKS.md)")
+    return chosen
+
+
+def decide_compile(cfg: Config, runtime, notes: list[str]) -> bool:
+    if cfg.torch_compile is not None:
+        return cfg.torch_compile
+    chosen = AUTO_TORCH_COMPILE and runtime.is_cuda
+    if runtime.is_cuda:
+        notes.append(f"auto: torch.compile of the decoder layers {'on' if chosen else 'off'} (measured, BENCHMARKS.md)")
+    return chosen
+
+
+def decide_cudnn(cfg: Config, runtime, notes: list[str]) -> bool:
+    if cfg.cudnn_attention is not None:
+        return cfg.cudnn_attention
+    if runtime.is_cuda:
+        notes.append("auto: cuDNN attention off (it builds a plan for every new sequence length, ~2 s each)")
+    return False
+
+
+def decide_liger(cfg: Config, runtime, notes: list[str]) -> bool:
+    if not cfg.use_liger_kernel:
+        return False
+    if not runtime.is_cuda:
+        raise PlanError("use_liger_kernel=True needs a CUDA GPU (its kernels are Triton); drop --use_liger_kernel here")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise PlanError("use_liger_kernel=True but liger-kernel is not installed: pip install liger-kernel, "
+                        "or drop --use_liger_kernel")
+    notes.append("liger kernels on (set): RMSNorm, RoPE, SwiGLU, fused linear cross-entropy")
+    return True
+
+
+def format_plan(plan: Plan) -> str:
+    """What runs, in one line, then one line per decision."""
+    head = (f"layout: {plan.rows_per_step} rows per step = {plan.micro_batch} per forward pass x "
+            f"{plan.accumulation} accumulation x {plan.world_size} process(es); checkpointing "
+            f"{'on' if plan.checkpointing else 'off'}; {plan.optim}")
+    return "\n".join([head, *(f"  - {note}" for note in plan.notes)])
 
 
 def apply_plan(cfg: Config, plan: Plan) -> Config:
-    return dataclasses.replace(cfg, per_device_train_batch_size=plan.micro_batch,
-                               gradient_accumulation_steps=plan.accumulation,
-                               gradient_checkpointing=plan.checkpointing, use_liger_kernel=plan.use_liger,
-                               optim=plan.optim or cfg.optim, dequantize_frozen=plan.dequantize)
+    """The Config with every speed/memory field concrete: what the rest of the run reads."""
+    return dataclasses.replace(
+        cfg, rows_per_step=plan.rows_per_step, per_device_train_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.accumulation, gradient_checkpointing=plan.checkpointing,
+        optim=plan.optim, dequantize_frozen=plan.dequantize, pad_to_multiple_of=plan.pad_to_multiple_of,
+        padding_free=plan.padding_free, torch_compile=plan.torch_compile, cudnn_attention=plan.cudnn_attention,
+        use_liger_kernel=plan.liger)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import config_to_dict
@@ -45,6 +47,35 @@ def held_out_metrics(trainer, base_model: bool = False) -> HeldOut | None:
         metrics = trainer.evaluate(metric_key_prefix=prefix)
     loss = float(metrics[f"{prefix}_loss"])
     return HeldOut(loss, safe_exp(loss), len(trainer.eval_dataset), float(metrics.get(f"{prefix}_runtime", 0.0)))
+
+
+@dataclass
+class PhaseClock:
+    """Wall time per phase of a run (load, data, train, evaluation, save, generation)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def split(self, eval_seconds_during_training: float) -> dict[str, float]:
+        """The phases, with the evaluations run inside training counted as evaluation, not training."""
+        phases = dict(self.seconds)
+        if "train" in phases:
+            moved = min(eval_seconds_during_training, phases["train"])
+            phases["train"] -= moved
+            phases["evaluation"] = phases.get("evaluation", 0.0) + moved
+        phases["total"] = sum(self.seconds.values())
+        return phases
+
+
+def format_phases(phases: dict[str, float]) -> str:
+    return "time: " + " | ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
 
 
 def safe_exp(loss: float) -> float:
@@ -81,7 +112,7 @@ def plot_loss_curve(train: list, evals: list, path: Path, title: str) -> Path:
 
 
 def build_metrics(cfg, summary: TrainSummary, before: HeldOut | None, after: HeldOut | None, log_history: list[dict],
-                  eval_seconds_during_training: float) -> dict:
+                  eval_seconds_during_training: float, phase_seconds: dict[str, float] | None = None) -> dict:
     train, evals = loss_history(log_history)
     if before is not None:  # the base model's held-out loss is where the held-out curve starts
         evals = [(0, before.loss)] + evals
@@ -96,6 +127,7 @@ def build_metrics(cfg, summary: TrainSummary, before: HeldOut | None, after: Hel
         "peak_memory_kind": summary.peak_memory_kind,
         "wall_time_s": summary.wall_time_s,
         "eval_seconds_during_training": eval_seconds_during_training,
+        "phase_seconds": phase_seconds or {},
         "train": summary_dict(summary),
         "train_loss_per_step": [{"step": s, "loss": v} for s, v in train],
         "eval_loss_per_step": [{"step": s, "loss": v} for s, v in evals],

@@ -80,8 +80,12 @@ def build_sft_config(cfg: Config, runtime: Runtime, has_eval: bool):
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        max_length=cfg.max_seq_length,
+        # Rows arrive tokenized and cut to max_seq_length (data_preparation); padding-free batches
+        # are one concatenated row, which TRL would otherwise cut to max_length as a whole.
+        max_length=None if cfg.padding_free else cfg.max_seq_length,
         packing=cfg.packing,
+        padding_free=bool(cfg.padding_free),
+        pad_to_multiple_of=cfg.pad_to_multiple_of if (cfg.pad_to_multiple_of or 1) > 1 else None,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -369,10 +373,17 @@ def micro_batch_of(checkpoint: Path | None) -> int | None:
     return state.get("train_batch_size")
 
 
+class OutOfMemory(TrainingError):
+    """CUDA ran out of memory; the message names the values that ran and what to lower."""
+
+
 def out_of_memory_message(cfg: Config) -> str:
+    """`cfg` is the Config that ran (after performance.apply_plan), so the values named are the real ones."""
     return (
-        "CUDA ran out of memory. Lower, in this order: per_device_train_batch_size "
-        f"(now {cfg.per_device_train_batch_size}; raise gradient_accumulation_steps to keep the same rows per step), "
-        f"max_seq_length (now {cfg.max_seq_length}), or turn gradient_checkpointing on (now {cfg.gradient_checkpointing}); "
-        "also check that no other process holds GPU memory (nvidia-smi)."
+        f"CUDA ran out of memory with per_device_train_batch_size={cfg.per_device_train_batch_size}, "
+        f"gradient_checkpointing={cfg.gradient_checkpointing}, dequantize_frozen={cfg.dequantize_frozen}, "
+        f"max_seq_length={cfg.max_seq_length}. Lower memory, in this order: --dequantize_frozen False, "
+        "--gradient_checkpointing True, a smaller --per_device_train_batch_size (the accumulation follows, so the rows "
+        "per step stay), a smaller --max_seq_length; or --performance_mode memory for the leanest layout. "
+        "Also check that no other process holds GPU memory (nvidia-smi)."
     )

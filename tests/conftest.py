@@ -27,10 +27,15 @@ def tiny_model_dir():
 
 
 def tiny_config(output_dir, *overrides):
-    """The tiny preset with quiet, fast settings for in-process tests, plus any overrides."""
+    """The tiny preset with quiet, fast settings for in-process tests, plus any overrides, resolved for
+    the CPU as main.py resolves it (performance.apply_plan: every speed/memory field concrete)."""
+    from model_setup import resolve_runtime
+    from performance import apply_plan, plan_performance
+
     argv = ["--preset", "tiny", "--output_dir", str(output_dir), "--report_to", "none", "--save_steps", "0",
             "--eval_fraction", "0", *map(str, overrides)]
-    return config.parse_config(argv)
+    cfg = config.parse_config(argv)
+    return apply_plan(cfg, plan_performance(cfg, resolve_runtime(cfg), model_config=None, world_size=1))
 
 
 @pytest.fixture

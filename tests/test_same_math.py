@@ -19,14 +19,13 @@ def step_losses(cfg):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-COMMON = ["--max_steps", "5", "--logging_steps", "1", "--lora_dropout", "0", "--no_group_by_length",
-          "--performance_mode", "manual"]
+COMMON = ["--max_steps", "5", "--logging_steps", "1", "--lora_dropout", "0", "--no_group_by_length"]
 
 
 def test_one_pass_of_four_rows_equals_four_passes_of_one(make_config):
     one_by_four = step_losses(make_config(*COMMON, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"))
     four_by_one = step_losses(make_config(*COMMON, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-                                          "--no_gradient_checkpointing"))
+                                          "--gradient_checkpointing", "False"))
     assert len(one_by_four) == len(four_by_one) == 5
     assert four_by_one == pytest.approx(one_by_four, abs=1e-4)
 
@@ -62,3 +61,37 @@ def test_dequantised_frozen_weights_compute_the_same_function(make_config):
     losses_q = step_losses(make_config(*COMMON))
     losses_d = step_losses(make_config(*COMMON, "--dequantize_frozen"))
     assert losses_d == pytest.approx(losses_q, abs=1e-4)
+
+
+def test_padding_to_a_multiple_gives_the_loss_of_unpadded_rows(make_config):
+    """Bucketed padding (pad_to_multiple_of) only adds masked tokens: the same losses as batches padded
+    to their longest row. Rows of different lengths, 4 per pass, so every batch really is padded."""
+    layout = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
+    plain = step_losses(make_config(*COMMON, *layout, "--pad_to_multiple_of", "1"))
+    bucketed = step_losses(make_config(*COMMON, *layout, "--pad_to_multiple_of", "64"))
+    assert bucketed == pytest.approx(plain, abs=1e-4)
+
+
+def test_padding_free_batches_give_the_loss_of_padded_ones(make_config):
+    """Padding-free: the 4 rows of a pass become one sequence, kept apart by their position ids
+    (transformers builds a block-diagonal mask from them). Same losses as padded batches: a mask that
+    let rows attend to each other would move them by far more than 1e-4."""
+    layout = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
+    padded = step_losses(make_config(*COMMON, *layout))
+    padding_free = step_losses(make_config(*COMMON, *layout, "--padding_free"))
+    assert padding_free == pytest.approx(padded, abs=1e-4)
+
+
+def test_dequantised_layers_accept_float32_hidden_states_after_training(make_config):
+    """Issue 8: dequantize_frozen with fp32_frozen_weights crashed in generation after training
+    ("expected m1 and m2 to have the same dtype"): the float32 norms hand float32 hidden states to a
+    bf16 weight outside autocast. The dequantised layer keeps bitsandbytes' contract (compute in the
+    weight's dtype, return the input's), so generation runs and matches the 4-bit model's tokens."""
+    from inference import GenerationSettings, generate, make_generator
+
+    args = ["--bnb_4bit_compute_dtype", "bfloat16", "--fp32_frozen_weights", "True", "--max_steps", "1"]
+    _, tokenizer, dequantised = setup(make_config(*args, "--dequantize_frozen", "True"))
+    _, _, quantised = setup(make_config(*args, "--dequantize_frozen", "False"))
+    settings = GenerationSettings(max_new_tokens=8)
+    answer = generate(make_generator(dequantised, tokenizer), "Who wrote Hamlet?", settings)
+    assert answer == generate(make_generator(quantised, tokenizer), "Who wrote Hamlet?", settings)
