@@ -330,12 +330,13 @@ class ProfileWindow:
         self.callback = Window()
 
     def summary(self, median_step_s: float) -> dict:
-        averages = self.prof.key_averages()
-        gpu_us = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
-        busy_ms = sum(gpu_us(e) for e in averages) / 1e3 / self.steps
-        top = sorted(averages, key=gpu_us, reverse=True)[:15]
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in self.prof.key_averages() if e.device_type == DeviceType.CUDA]
+        busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / self.steps
+        top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:15]
         return {"gpu_busy_ms_per_step": busy_ms, "gpu_idle_share": max(0.0, 1 - busy_ms / 1e3 / median_step_s),
-                "top_kernels": [{"name": e.key[:100], "ms_per_step": gpu_us(e) / 1e3 / self.steps,
+                "top_kernels": [{"name": e.key[:100], "ms_per_step": e.self_device_time_total / 1e3 / self.steps,
                                  "calls_per_step": e.count / self.steps} for e in top]}
 
 

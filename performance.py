@@ -39,12 +39,14 @@ LOGIT_BYTES_PER_VOCAB = 12  # fp32 logits, their softmax and gradient (without a
 SAFETY = 0.85  # leave 15% of the free memory for fragmentation and the allocator's cache
 NF4_BYTES_PER_WEIGHT = 0.53  # 4 bits + one absmax per 64 values
 
-# Padding every batch to a multiple of this leaves at most 4 shapes at max_seq_length 256, instead
-# of one per row length: each new shape costs cuDNN plans or a recompile (BENCHMARKS.md).
-GPU_PAD_MULTIPLE = 64
-# Measured choices for the fields whose auto value does not depend on memory (BENCHMARKS.md).
+# With cuDNN attention, padding every batch to a multiple of this leaves at most 4 shapes at
+# max_seq_length 256 instead of one per row length, each new shape costing a ~2 s cuDNN plan. Without
+# cuDNN attention (the default) shapes cost nothing and the extra padding only costs compute
+# (measured on the 7B shape, BENCHMARKS.md: 0.164 s per step without it, 0.171-0.210 s with it).
+CUDNN_PAD_MULTIPLE = 64
+# Padding-free batches measured slower on an H200 (0.23 s per step against 0.16-0.17 padded, BENCHMARKS.md):
+# PyTorch's attention runs a block-diagonal mask over the whole concatenated sequence.
 AUTO_PADDING_FREE = False
-AUTO_TORCH_COMPILE = False
 
 
 class PlanError(ValueError):
@@ -255,11 +257,11 @@ def decide_optim(cfg: Config, runtime, notes: list[str]) -> str:
 def decide_padding(cfg: Config, runtime, notes: list[str]) -> int:
     if cfg.pad_to_multiple_of is not None:
         return cfg.pad_to_multiple_of
-    if not runtime.is_cuda:
-        return 1
-    notes.append(f"auto: batches padded to a multiple of {GPU_PAD_MULTIPLE} tokens (a few shapes instead of one per "
-                 "length: each new shape costs kernel plans)")
-    return GPU_PAD_MULTIPLE
+    if runtime.is_cuda and cfg.cudnn_attention:
+        notes.append(f"auto: batches padded to a multiple of {CUDNN_PAD_MULTIPLE} tokens (cuDNN attention builds a plan "
+                     "for each new shape: a few shapes instead of one per length)")
+        return CUDNN_PAD_MULTIPLE
+    return 1
 
 
 def decide_padding_free(cfg: Config, runtime, notes: list[str]) -> bool:
@@ -267,18 +269,20 @@ def decide_padding_free(cfg: Config, runtime, notes: list[str]) -> bool:
         if cfg.padding_free and cfg.packing:
             raise PlanError("padding_free=True and packing=True both rearrange the rows of a batch; choose one")
         return cfg.padding_free
-    chosen = AUTO_PADDING_FREE and runtime.is_cuda and not cfg.packing
-    if runtime.is_cuda:
-        notes.append(f"auto: padding-free batches {'on' if chosen else 'off'} (measured, BENCHMARKS.md)")
-    return chosen
+    return AUTO_PADDING_FREE and runtime.is_cuda and not cfg.packing
 
 
 def decide_compile(cfg: Config, runtime, notes: list[str]) -> bool:
+    """Compiled decoder layers ran 0.10-0.14 s per step against 0.16-0.17 eager on the 7B shape, after
+    a one-off compile of ~85 s and a second of ~15 s when the first padded batch arrives (BENCHMARKS.md).
+    That pays back after ~2,000 steps: speed mode compiles; auto does not, since the seed's recipe (10
+    epochs of guanaco-1k) is ~1,100 steps."""
     if cfg.torch_compile is not None:
         return cfg.torch_compile
-    chosen = AUTO_TORCH_COMPILE and runtime.is_cuda
+    chosen = runtime.is_cuda and cfg.performance_mode == "speed"
     if runtime.is_cuda:
-        notes.append(f"auto: torch.compile of the decoder layers {'on' if chosen else 'off'} (measured, BENCHMARKS.md)")
+        notes.append(f"{'speed mode' if chosen else 'auto'}: torch.compile of the decoder layers "
+                     f"{'on (~1.5 min of compiling, then ~25% faster steps)' if chosen else 'off (~1.5 min of compiling pays back only after ~2,000 steps; --torch_compile True for long runs)'}")
     return chosen
 
 

@@ -97,8 +97,9 @@ def test_several_gpus_share_the_rows_of_a_step():
 
 def test_modes_fill_only_open_fields():
     speed, memory = plan("--performance_mode", "speed", free_gib=6), plan("--performance_mode", "memory")
-    assert (speed.micro_batch, speed.checkpointing, speed.dequantize) == (8, False, True)  # whatever the memory
-    assert (memory.micro_batch, memory.checkpointing, memory.dequantize) == (8, True, False)
+    assert (speed.micro_batch, speed.checkpointing, speed.dequantize, speed.torch_compile) == (8, False, True, True)
+    assert (memory.micro_batch, memory.checkpointing, memory.dequantize, memory.torch_compile) == (8, True, False, False)
+    assert not plan().torch_compile  # auto: a one-off compile does not pay back in the seed's ~1,100 steps
 
 
 def test_cpu_keeps_the_seed_layout_and_chooses_no_gpu_options():
@@ -108,9 +109,12 @@ def test_cpu_keeps_the_seed_layout_and_chooses_no_gpu_options():
         ("adamw_torch", False, 1, False, False)
 
 
-def test_gpu_auto_buckets_lengths_and_turns_cudnn_attention_off():
+def test_gpu_auto_turns_cudnn_attention_off_and_buckets_lengths_only_for_it():
+    """cuDNN attention builds a ~2 s plan for each new sequence length (issue 8's stall): auto keeps it
+    off, and pads to the longest row only; a user who turns it on gets lengths bucketed to 64."""
     chosen = plan()
-    assert chosen.pad_to_multiple_of == 64 and chosen.cudnn_attention is False and chosen.optim == "adamw_torch_fused"
+    assert (chosen.cudnn_attention, chosen.pad_to_multiple_of, chosen.optim) == (False, 1, "adamw_torch_fused")
+    assert plan("--cudnn_attention", "True").pad_to_multiple_of == 64
 
 
 def test_liger_on_a_cpu_is_an_error_not_a_silent_fallback():
