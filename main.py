@@ -11,22 +11,32 @@ Exit status: 0 done, 2 bad input (the message says what to change), 130/143 inte
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
-import warnings
 
-import torch
+from model_setup import quiet_library_noise
 
-from config import Config, ConfigError, parse_config
-from data_preparation import DataError, prepare_datasets
-from inference import GenerationSettings, generate, make_generator
-from model_setup import SetupError, add_lora, load_base_model, load_model_config, load_tokenizer, resolve_runtime
-from performance import apply_plan, plan_performance
-from report import build_metrics, compare_answers, eval_seconds, format_held_out, held_out_metrics, write_report
-from training import (StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
-                      free_memory, micro_batch_of, out_of_memory_message, prepare_output_dir, run_training, save_adapter)
+# Here, not in main(): bitsandbytes logs its noise when it is imported, and the imports below
+# (transformers' Trainer, then PEFT) import it.
+quiet_library_noise()
 
-USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError)
+import torch  # noqa: E402
+
+from config import Config, ConfigError, parse_config  # noqa: E402
+from data_preparation import DataError, prepare_datasets  # noqa: E402
+from inference import GenerationSettings, generate, make_generator  # noqa: E402
+from model_setup import (SetupError, add_lora, count_parameters, load_base_model, load_model_config,  # noqa: E402
+                         load_tokenizer, resolve_runtime)
+from performance import apply_plan, plan_performance  # noqa: E402
+from report import (build_metrics, compare_answers, eval_seconds, format_held_out, held_out_metrics,  # noqa: E402
+                    report_is_written, write_report)
+from run_files import OutputDirError, hold_output_dir, inspect_output_dir, recover_interrupted_replace  # noqa: E402
+from training import (SaveFailed, StopOnSignal, TrainingError, build_trainer, check_steps,  # noqa: E402
+                      format_parameter_counts, format_summary, free_memory, micro_batch_of, out_of_memory_message,
+                      processes, train_and_save_adapter)
+
+USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, OutputDirError)
 
 
 class Interrupted(Exception):
@@ -38,45 +48,64 @@ class Interrupted(Exception):
 def train_and_save(cfg: Config, argv: list[str]) -> dict:
     runtime = resolve_runtime(cfg)
     print(f"device: {runtime.reason}")
-    resume_from = prepare_output_dir(cfg)
-    plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(resume_from))
+    start = inspect_output_dir(cfg)  # what to resume or replace; nothing is changed before every check below
+    plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(start.checkpoint))
     cfg = apply_plan(cfg, plan)
     print(f"layout: {plan.reason}")
     tokenizer = load_tokenizer(cfg)
     train_rows, eval_rows = prepare_datasets(cfg, tokenizer)
+    check_steps(len(train_rows), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, processes(),
+                cfg.num_train_epochs, cfg.max_steps, cfg.warmup_ratio)
     model = add_lora(load_base_model(cfg, runtime), cfg)
     print(format_parameter_counts(model))
+    start.check_disk(count_parameters(model)[0], cfg.save_steps, cfg.save_total_limit)
     stop = StopOnSignal().install()
     try:
         trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, runtime, callbacks=[stop])
         before = held_out_metrics(trainer, base_model=True)
-        summary = run_training(trainer, runtime, str(resume_from) if resume_from else None)
+        done = train_and_save_adapter(trainer, tokenizer, cfg, runtime, start)
     finally:
         stop.uninstall()
-    adapter = save_adapter(trainer.model, tokenizer, cfg)
     if stop.received is not None:
-        raise Interrupted(stop.received, interrupted_message(trainer.state.global_step, adapter, cfg, argv))
+        raise Interrupted(stop.received, interrupted_message(trainer.state.global_step, done.adapter, cfg, argv))
     after = held_out_metrics(trainer)
-    return {"trainer": trainer, "tokenizer": tokenizer, "summary": summary, "adapter": adapter,
-            "before": before, "after": after}
+    return {"trainer": trainer, "tokenizer": tokenizer, "summary": done.summary, "adapter": done.adapter,
+            "before": before, "after": after, "finished_before": done.finished_before}
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run, shell-quoted so that it works when pasted: the same
+    flags without --resume/--overwrite (and their values), then --resume latest."""
+    kept, drop_value = [], False
+    for arg in argv:
+        if drop_value and not arg.startswith("--"):
+            drop_value = False
+            continue
+        drop_value = arg in ("--resume", "--overwrite")
+        if not drop_value and not arg.startswith(("--resume=", "--overwrite=")):
+            kept.append(arg)
+    return shlex.join(["python", "main.py", *kept, "--resume", "latest"])
 
 
 def interrupted_message(step: int, adapter, cfg: Config, argv: list[str]) -> str:
-    args = " ".join(a for a in argv if a not in ("--resume",)) if argv else ""
     return (f"interrupted at step {step}: adapter of this state saved to {adapter}, checkpoint in {cfg.output_dir}.\n"
-            f"resume with: python main.py {args} --resume latest".replace("  ", " "))
+            f"resume with: {resume_command(argv)}")
 
 
 def evaluate_and_report(cfg: Config, run: dict) -> dict:
-    free_memory()  # as the seed: give cached GPU memory back before generating
     trainer, summary = run["trainer"], run["summary"]
+    if run["finished_before"] and report_is_written(cfg.output_dir):
+        print(f"\n{format_summary(summary)}\nthe run was already complete: adapter {run['adapter']}, report in "
+              f"{cfg.output_dir}; nothing was missing")
+        return {**run, "answer": None, "paths": None}
+    free_memory()  # as the seed: give cached GPU memory back before generating
     settings = GenerationSettings.from_config(cfg)
     generator = make_generator(trainer.model, run["tokenizer"])
     answer = generate(generator, cfg.example_prompt, settings)
     answers = compare_answers(trainer.model, generator, cfg.report_prompts, settings, generate)
     metrics = build_metrics(cfg, summary, run["before"], run["after"], trainer.state.log_history,
                             eval_seconds(trainer.state.log_history))
-    paths = write_report(cfg.output_dir, metrics, answers)
+    paths = write_report(cfg.output_dir, metrics, answers, run["adapter"])
     print(f"\n{format_summary(summary)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
     print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
@@ -86,17 +115,18 @@ def evaluate_and_report(cfg: Config, run: dict) -> dict:
 def run(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(argv)
-    return evaluate_and_report(cfg, train_and_save(cfg, argv))
+    with hold_output_dir(cfg.output_dir):  # one run per output_dir, released however this ends
+        recover_interrupted_replace(cfg.output_dir)
+        return evaluate_and_report(cfg, train_and_save(cfg, argv))
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Library deprecation chatter (gradient_checkpointing renames) is not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         run(argv)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        resume = f"\nresume with: {resume_command(argv)}" if isinstance(exc, SaveFailed) else ""
+        print(f"error: {exc}{resume}\n(`python main.py --help` lists every setting)", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"\n{exc}", file=sys.stderr)
