@@ -335,7 +335,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
     Order of precedence: explicit flags > the preset's values > the defaults in this file.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     preset = _preset_from_argv(argv)
     if preset and preset not in PRESETS:
         raise ConfigError(_choice_error("preset", preset, PRESETS))

@@ -113,7 +113,7 @@ def evaluate_and_report(cfg: Config, run: dict) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     cfg = parse_config(argv)
     with hold_output_dir(cfg.output_dir):  # one run per output_dir, released however this ends
         recover_interrupted_replace(cfg.output_dir)
@@ -121,7 +121,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     try:
         run(argv)
     except USER_ERRORS as exc:

@@ -281,8 +281,12 @@ def inspect_output_dir(cfg, printer=print) -> RunStart:
     A run never replaces an earlier run's files unless --overwrite is given; --resume continues one.
     """
     out = Path(cfg.output_dir)
-    check_adapter_name(out, cfg.new_model)
+    check_adapter_name(cfg.new_model)
     if cfg.resume:
+        adapter = out / cfg.new_model
+        if adapter.exists() and not is_adapter_folder(adapter):
+            raise OutputDirError(f"{adapter} exists and is not an adapter folder written by a run, so the adapter would "
+                                 "not be saved there; pick another --new_model (or move that folder)")
         checkpoint, broken = resume_checkpoint(cfg)
         for folder, why in broken.items():
             printer(f"--resume latest: skipped {folder.name}, which is incomplete: {why}")
@@ -302,15 +306,12 @@ def inspect_output_dir(cfg, printer=print) -> RunStart:
     return RunStart(out, replace=existing)
 
 
-def check_adapter_name(out: Path, name: str) -> None:
-    """The adapter folder may only be one this project writes: never a run file, never a user's folder."""
+def check_adapter_name(name: str) -> None:
+    """The adapter folder may not take the name of a file the run writes itself (config.py has
+    already refused names that are not a plain folder name)."""
     if CHECKPOINT_RE.match(name) or name.startswith(INCOMPLETE_PREFIX) or name in RUN_OUTPUTS or name == "README.md":
         raise OutputDirError(f"new_model={name!r} is the name of a file the run itself writes in output_dir; "
                              "pick another --new_model, e.g. my-adapter")
-    target = out / name
-    if target.exists() and not is_adapter_folder(target):
-        raise OutputDirError(f"{target} exists and is not an adapter folder written by a run, so it is not replaced; "
-                             "pick another --new_model (or move that folder)")
 
 
 def check_no_newer_checkpoints(checkpoint: Path, out: Path, ignored: set[Path]) -> None:
@@ -424,18 +425,20 @@ def recover_interrupted_replace(output_dir: str | Path, printer=print) -> None:
 
 # ---------------------------------------------------------------------------- saving and disk space
 
-def replace_folder(staging: Path, target: Path, output_dir: str | Path) -> Path:
-    """Put the completely written `staging` folder at `target`, which must be output_dir/<name>.
-
-    Only a folder directly inside output_dir that a save wrote before can be replaced: never
-    output_dir itself, never a folder elsewhere, never a user's folder.
-    """
+def check_save_target(target: Path, output_dir: str | Path) -> None:
+    """Only a folder directly inside output_dir that a save wrote before may be replaced: never
+    output_dir itself, never a folder elsewhere, never a user's folder."""
     if target.resolve().parent != Path(output_dir).resolve() or target.name.startswith("."):
         raise OutputDirError(f"refusing to save to {target}: an adapter is saved only as a folder directly inside "
                              f"output_dir ({output_dir}); check --new_model")
     if target.exists() and not is_adapter_folder(target):
         raise OutputDirError(f"refusing to replace {target}: it is not an adapter folder written by a run; "
                              "pick another --new_model")
+
+
+def replace_folder(staging: Path, target: Path, output_dir: str | Path) -> Path:
+    """Put the completely written `staging` folder at `target` (check_save_target's rules)."""
+    check_save_target(target, output_dir)
     previous = target.with_name(f".{target.name}.previous")
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists():

@@ -29,7 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from config import TINY_MODEL_NAME, Config, save_config
 from model_setup import Runtime, count_parameters, keep_adapter_fp32
-from run_files import (RunStart, SetAside, describe_checkpoints, is_adapter_folder, replace_folder, safetensors_problem,
+from run_files import (RunStart, SetAside, check_save_target, describe_checkpoints, is_adapter_folder, replace_folder, safetensors_problem,
                        save_failed_message)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -338,11 +338,12 @@ def optimizer_steps(batches_per_epoch: int, accumulation: int, epochs: float, ma
 
 
 def check_steps(train_rows: int, micro_batch: int, accumulation: int, processes: int, epochs: float, max_steps: int,
-                warmup_ratio: float) -> None:
-    """Refuse a layout whose optimizer steps are not what the settings say, before anything loads.
+                warmup_ratio: float, printer=print) -> None:
+    """Refuse a layout whose optimizer steps are not what the settings say, before the model loads,
+    and say so when warmup takes every step (a 1-step run learns nothing at learning rate 0).
 
     An optimizer step never spans two epochs: with more accumulation than the forward passes of an
-    epoch, each epoch made one short step (and a 1-step run takes it at warmup's learning rate 0).
+    epoch, each epoch made one short step instead.
     """
     batches = math.ceil(train_rows / (micro_batch * processes))
     if accumulation > batches:
@@ -354,10 +355,8 @@ def check_steps(train_rows: int, micro_batch: int, accumulation: int, processes:
     _, total = optimizer_steps(batches, accumulation, epochs, max_steps)
     warmup = math.ceil(total * warmup_ratio)
     if warmup >= total:
-        raise TrainingError(
-            f"this run makes {total} optimizer step(s) and warmup_ratio={warmup_ratio} spends {warmup} of them warming "
-            "the learning rate up from 0, so nothing would be learnt. Train longer (num_train_epochs, max_steps), "
-            "or set --warmup_ratio 0")
+        printer(f"note: this run makes {total} optimizer step(s), and warmup_ratio={warmup_ratio} spends all of them "
+                "warming the learning rate up from 0: the adapter will learn nothing. Train longer, or set --warmup_ratio 0")
 
 
 def planned_steps(trainer) -> int:
@@ -448,6 +447,7 @@ def save_adapter(model, tokenizer, cfg: Config) -> Path:
     """
     target = adapter_dir(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
+    check_save_target(target, cfg.output_dir)  # before anything is written next to it
     staging = target.with_name(f".{target.name}.saving")
     shutil.rmtree(staging, ignore_errors=True)
     try:
