@@ -32,9 +32,9 @@ from performance import apply_plan, plan_performance  # noqa: E402
 from report import (build_metrics, compare_answers, eval_seconds, format_held_out, held_out_metrics,  # noqa: E402
                     report_is_written, write_report)
 from run_files import OutputDirError, hold_output_dir, inspect_output_dir, recover_interrupted_replace  # noqa: E402
-from training import (SaveFailed, StopOnSignal, TrainingError, build_trainer, check_steps,  # noqa: E402
-                      format_parameter_counts, format_summary, free_memory, micro_batch_of, out_of_memory_message,
-                      processes, train_and_save_adapter)
+from training import (CheckpointBookkeeping, SaveFailed, StopOnSignal, TrainingError, build_trainer,  # noqa: E402
+                      check_steps, format_parameter_counts, format_summary, free_memory, micro_batch_of,
+                      out_of_memory_message, processes, run_training, save_or_keep_adapter)
 
 USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, OutputDirError)
 
@@ -61,16 +61,19 @@ def train_and_save(cfg: Config, argv: list[str]) -> dict:
     start.check_disk(count_parameters(model)[0], cfg.save_steps, cfg.save_total_limit)
     stop = StopOnSignal().install()
     try:
-        trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, runtime, callbacks=[stop])
-        before = held_out_metrics(trainer, base_model=True)
-        done = train_and_save_adapter(trainer, tokenizer, cfg, runtime, start)
+        with start.replacing() as earlier:  # an earlier run (--overwrite) stays until this one has saved something
+            trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, runtime,
+                                    callbacks=[stop, CheckpointBookkeeping(cfg, earlier)])
+            before = held_out_metrics(trainer, base_model=True)
+            summary, finished_before = run_training(trainer, runtime, start.checkpoint)
+            adapter = save_or_keep_adapter(trainer.model, tokenizer, cfg, start.checkpoint if finished_before else None)
     finally:
         stop.uninstall()
     if stop.received is not None:
-        raise Interrupted(stop.received, interrupted_message(trainer.state.global_step, done.adapter, cfg, argv))
+        raise Interrupted(stop.received, interrupted_message(trainer.state.global_step, adapter, cfg, argv))
     after = held_out_metrics(trainer)
-    return {"trainer": trainer, "tokenizer": tokenizer, "summary": done.summary, "adapter": done.adapter,
-            "before": before, "after": after, "finished_before": done.finished_before}
+    return {"trainer": trainer, "tokenizer": tokenizer, "summary": summary, "adapter": adapter,
+            "before": before, "after": after, "finished_before": finished_before}
 
 
 def resume_command(argv: list[str]) -> str:

@@ -43,6 +43,12 @@ class OutputDirError(RuntimeError):
     """output_dir cannot be used as asked; the message says why and what to do."""
 
 
+def is_main_process() -> bool:
+    """Of the processes of one multi-GPU run (torchrun / accelerate launch set RANK), the one that
+    holds output_dir and changes what is in it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # ---------------------------------------------------------------------------- one run per output_dir
 
 @contextmanager
@@ -55,6 +61,9 @@ def hold_output_dir(output_dir: str, printer=print):
     that this call created is removed again if the run left nothing in it.
     """
     out = Path(output_dir)
+    if not is_main_process():  # the main process of this multi-GPU run holds it for all
+        yield out
+        return
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -260,9 +269,22 @@ class RunStart:
     replace: list[str] = field(default_factory=list)  # an earlier run's files (--overwrite)
     incomplete: list[Path] = field(default_factory=list)  # broken checkpoints, renamed aside before training
 
+    @contextmanager
+    def replacing(self, printer=print):
+        """Move the earlier run and the broken checkpoints out of the way (enter it only once every
+        check has passed); yields the SetAside, which the first complete checkpoint drops. If the
+        block fails before that, the earlier run is put back; if it ends well, it is dropped."""
+        earlier = self.make_room(printer)
+        try:
+            yield earlier
+        except BaseException:
+            earlier.put_back()
+            raise
+        earlier.drop()
+
     def make_room(self, printer=print) -> "SetAside":
-        """Move the earlier run and the broken checkpoints out of the way: call it only once every
-        check has passed, just before training."""
+        if not is_main_process():
+            return SetAside(self.output_dir, [])
         for folder in self.incomplete:
             target = unused_name(folder.with_name(INCOMPLETE_PREFIX + folder.name))
             os.replace(folder, target)
@@ -404,6 +426,8 @@ def recover_interrupted_replace(output_dir: str | Path, printer=print) -> None:
     wrote nothing to replace it with, else drop it. Likewise an adapter left mid-rename."""
     out = Path(output_dir)
     folder = out / SET_ASIDE_NAME
+    if not is_main_process():
+        return
     if folder.is_dir():
         names = sorted(p.name for p in folder.iterdir())
         new_run_wrote = any(checkpoint_problem(p) is None for p in checkpoints_in(out)) or any(

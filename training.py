@@ -29,8 +29,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from config import TINY_MODEL_NAME, Config, save_config
 from model_setup import Runtime, count_parameters, keep_adapter_fp32
-from run_files import (RunStart, SetAside, check_save_target, describe_checkpoints, is_adapter_folder, replace_folder, safetensors_problem,
-                       save_failed_message)
+from run_files import (SetAside, check_save_target, describe_checkpoints, is_adapter_folder, is_main_process,
+                       replace_folder, safetensors_problem, save_failed_message)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -229,7 +229,7 @@ class CheckpointBookkeeping(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             save_config(self.cfg, folder / "run_config.json")
         if self.earlier is not None:
             self.earlier.drop()
@@ -479,34 +479,16 @@ def name_the_base(adapter: Path, model_name: str) -> None:
     (adapter / "README.md").unlink(missing_ok=True)
 
 
-@dataclass
-class TrainingDone:
-    summary: TrainSummary
-    adapter: Path
-    finished_before: bool  # the checkpoint resumed from had finished training: nothing was trained
-
-
-def train_and_save_adapter(trainer, tokenizer, cfg: Config, runtime: Runtime, start: RunStart) -> TrainingDone:
-    """Train from where output_dir says (start), then save the adapter.
-
-    An earlier run that --overwrite replaces stays, set aside, until this run has a complete
-    checkpoint or its adapter, and is put back if this fails before that. A resumed checkpoint that
-    had finished training trains nothing; its adapter is saved only if it is not there already.
-    """
-    earlier = start.make_room()
-    trainer.add_callback(CheckpointBookkeeping(cfg, earlier))
-    try:
-        summary, finished_before = run_training(trainer, runtime, start.checkpoint)
-        adapter = adapter_dir(cfg)
-        if finished_before and holds_weights_of(adapter, start.checkpoint):
-            print(f"adapter: {adapter} already holds the weights of {start.checkpoint.name}; kept as it is")
-        else:
-            adapter = save_adapter(trainer.model, tokenizer, cfg)
-    except BaseException:
-        earlier.put_back()
-        raise
-    earlier.drop()
-    return TrainingDone(summary, adapter, finished_before)
+def save_or_keep_adapter(model, tokenizer, cfg: Config, finished_checkpoint: Path | None) -> Path:
+    """Save the adapter, unless this run only finishes a finished checkpoint whose weights the saved
+    adapter holds already: then it is kept as it is, and that is said."""
+    adapter = adapter_dir(cfg)
+    if finished_checkpoint is not None and holds_weights_of(adapter, finished_checkpoint):
+        print(f"adapter: {adapter} already holds the weights of {finished_checkpoint.name}; kept as it is")
+        return adapter
+    if not is_main_process():  # one process writes the files of a multi-GPU run
+        return adapter
+    return save_adapter(model, tokenizer, cfg)
 
 
 def holds_weights_of(adapter: Path, checkpoint: Path) -> bool:

@@ -113,7 +113,7 @@ def test_overwrite_puts_the_earlier_run_back_if_the_new_one_fails_before_saving(
         seen["aside"] = sorted(p.name for p in (run_copy / run_files.SET_ASIDE_NAME).iterdir())
         raise RuntimeError("the new run died at step 1")
 
-    monkeypatch.setattr(training, "run_training", crash)
+    monkeypatch.setattr(main, "run_training", crash)
     with pytest.raises(RuntimeError, match="died at step 1"):
         main.run(SHORT + ["--output_dir", str(run_copy), "--overwrite"])
     assert "checkpoint-4" in seen["aside"] and "tiny-llama-finetune" in seen["aside"]  # it was out of the way

@@ -78,7 +78,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, tiny_model_dir, mon
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(training, "run_training", oom)
+    monkeypatch.setattr(main, "run_training", oom)
     assert main.main(QUICK + ["--output_dir", str(tmp_path / "o")]) == 3
     err = capsys.readouterr().err
     assert "per_device_train_batch_size (now 1" in err and "max_seq_length (now 256)" in err and "gradient_checkpointing" in err
