@@ -183,7 +183,7 @@ def guarded_trainer_class():
 
         def create_model_card(self, *args, **kwargs):
             """TRL's card in output_dir names no base for a local model ("fine-tuned version of [None]")
-            and no result; report.md is the run's card, and the adapter gets report.write_model_card's."""
+            and no result; report.md is the run's card, and the adapter gets report.render_model_card's."""
 
     return GuardedSFTTrainer
 
@@ -347,11 +347,12 @@ def check_steps(train_rows: int, micro_batch: int, accumulation: int, processes:
     """
     batches = math.ceil(train_rows / (micro_batch * processes))
     if accumulation > batches:
+        per_pass = f"{micro_batch} per pass" + (f" on each of {processes} processes" if processes > 1 else "")
         raise TrainingError(
             f"gradient_accumulation_steps={accumulation} is more than the {batches} forward passes of one epoch "
-            f"({train_rows} training rows, {micro_batch} per pass{f' on each of {processes} processes' if processes > 1 else ''}): "
-            f"an optimizer step cannot span two epochs, so each would take one step of {batches} passes instead. "
-            f"Lower gradient_accumulation_steps to at most {batches}, or train on more rows")
+            f"({train_rows} training rows, {per_pass}): an optimizer step cannot span two epochs, so each would take "
+            f"one step of {batches} passes instead. Lower gradient_accumulation_steps to at most {batches}, or train "
+            "on more rows")
     _, total = optimizer_steps(batches, accumulation, epochs, max_steps)
     warmup = math.ceil(total * warmup_ratio)
     if warmup >= total:
@@ -470,7 +471,7 @@ def name_the_base(adapter: Path, model_name: str) -> None:
     """adapter_config.json names the base as PEFT loaded it: for the tiny model, this machine's cache
     folder. It names 'tiny-llama' instead, which resolves wherever this project runs (hub ids and
     local folders stay as given). PEFT's template model card goes: it is empty but for that path, and
-    report.write_model_card writes a real one once the run is evaluated."""
+    report.render_model_card writes a real one once the run is evaluated."""
     if model_name == TINY_MODEL_NAME:
         config_path = adapter / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -132,16 +132,14 @@ def test_overwrite_replaces_the_run_and_keeps_the_users_files(run_copy):
 
 # ---------------------------------------------------------------------------- item 3: one run per output_dir
 
-def test_a_second_run_is_refused_while_the_first_holds_output_dir(tmp_path, tiny_model_dir):
+def test_a_second_run_is_refused_while_the_first_holds_output_dir(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "run"
     first = start_main(QUICK + ["--output_dir", out, "--num_train_epochs", "50", "--save_steps", "0", "--logging_steps", "1"])
     try:
         wait_for_training(first)
-        second = subprocess.run([sys.executable, str(PROJECT_DIR / "main.py"), *QUICK, "--output_dir", str(out),
-                                 "--max_steps", "2", "--overwrite"], cwd=PROJECT_DIR, env=ENV, capture_output=True,
-                                text=True, timeout=300)
-        assert second.returncode == 2, second.stderr[-2000:]
-        assert f"is in use by another run (pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert main.main(QUICK + ["--output_dir", out, "--max_steps", "2", "--overwrite"]) == 2  # this process
+        err = capsys.readouterr().err
+        assert f"is in use by another run (pid {first.pid}" in err and "Traceback" not in err
         assert first.poll() is None, "the second run disturbed the first"
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=240)
@@ -151,7 +149,7 @@ def test_a_second_run_is_refused_while_the_first_holds_output_dir(tmp_path, tiny
     assert not (out / run_files.LOCK_NAME).exists(), "the lock outlived its run"
 
 
-def test_kill_9_during_overwrite_loses_nothing_and_its_stale_lock_is_taken_over(run_copy):
+def test_kill_9_during_overwrite_loses_nothing_and_its_stale_lock_is_taken_over(run_copy, capsys):
     """A run killed outright leaves its lock file and the earlier run set aside: the next run detects
     the stale lock, puts the earlier run back, and finds it complete."""
     before = tree(run_copy)
@@ -161,11 +159,10 @@ def test_kill_9_during_overwrite_loses_nothing_and_its_stale_lock_is_taken_over(
     proc.kill()
     proc.communicate(timeout=60)
     assert (run_copy / run_files.LOCK_NAME).exists()
-    again = subprocess.run([sys.executable, str(PROJECT_DIR / "main.py"), *SHORT, "--output_dir", str(run_copy),
-                            "--resume", "latest"], cwd=PROJECT_DIR, env=ENV, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"an earlier run (pid {proc.pid}" in again.stdout and "stale" in again.stdout
-    assert "put the run it was replacing back" in again.stdout and "nothing was missing" in again.stdout
+    assert main.main(SHORT + ["--output_dir", run_copy, "--resume", "latest"]) == 0
+    again = capsys.readouterr().out
+    assert f"an earlier run (pid {proc.pid}" in again and "stale" in again
+    assert "put the run it was replacing back" in again and "nothing was missing" in again
     assert {k: v for k, v in tree(run_copy).items() if not k.startswith("runs/")} == \
         {k: v for k, v in before.items() if not k.startswith("runs/")}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import main
-from conftest import QUICK, SHORT, tree
+from conftest import PROJECT_DIR, QUICK, SHORT, tree
 
 
 def losses(metrics_path):
@@ -39,25 +39,28 @@ def test_the_length_grouped_order_depends_on_seed_and_epoch_only(make_config):
 
 @pytest.mark.parametrize("group_by_length", ["True", "False"])
 def test_a_run_resumed_after_its_first_epoch_matches_an_uninterrupted_one(tmp_path, tiny_model_dir, group_by_length):
-    """Stop at step 16 (the second epoch: 14 steps per epoch), resume, and land on the same losses.
+    """30 rows, 4 rows x 2 passes per step: 4 steps per epoch. Stop at step 6 (in the second epoch),
+    resume, and land on the same losses for steps 7-10, across the next epoch boundary too.
 
     Tolerance 1e-4: on the CPU the math is deterministic, so only float32 reduction order could
     differ; another data order, optimizer, scheduler or RNG state moves losses by 1e-2 or more.
     """
-    common = QUICK + ["--max_steps", "18", "--save_steps", "8", "--logging_steps", "1", "--eval_fraction", "0",
-                      "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                      "--group_by_length", group_by_length]
+    rows = (PROJECT_DIR / "data" / "sample.jsonl").read_text(encoding="utf-8").splitlines()[:30]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    common = QUICK + ["--dataset_name", tmp_path / "rows.jsonl", "--eval_fraction", "0", "--max_steps", "10",
+                      "--save_steps", "6", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+                      "--gradient_accumulation_steps", "2", "--group_by_length", group_by_length]
     out = tmp_path / "run"
-    main.run(common + ["--output_dir", str(out)])
+    main.run(common + ["--output_dir", out])
     expected = losses(out / "metrics.json")
-    assert json.loads((out / "checkpoint-16" / "trainer_state.json").read_text())["epoch"] > 1
-    # Leave the run as if it had died between step 16 and step 18.
-    shutil.rmtree(out / "checkpoint-18")
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["epoch"] == 1.5
+    # Leave the run as if it had died between step 6 and step 10.
+    shutil.rmtree(out / "checkpoint-10")
     (out / "metrics.json").unlink()
-    main.run(common + ["--output_dir", str(out), "--resume", "latest"])
+    main.run(common + ["--output_dir", out, "--resume", "latest"])
     got = losses(out / "metrics.json")
-    assert set(got) == set(range(1, 19))
-    for step in (17, 18):
+    assert set(got) == set(range(1, 11))
+    for step in range(7, 11):
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
 
 
