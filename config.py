@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -115,7 +116,7 @@ class Config:
     )
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Recompute activations in backward: much less memory, ~30%% more compute. None = auto "
+        metadata={"help": "Recompute activations in backward: much less memory, ~30% more compute. None = auto "
                           "(on where memory needs it, and on a CPU as the seed).", "nargs": "?", "const": True},
     )
     max_grad_norm: float = field(default=0.3, metadata={"help": "Clip the gradient norm to this (QLoRA paper's value)."})
@@ -174,7 +175,7 @@ class Config:
     )
     torch_compile: bool | None = field(
         default=None,
-        metadata={"help": "Compile each decoder layer with torch.compile: ~25%% faster steps after a one-off ~1.5 min "
+        metadata={"help": "Compile each decoder layer with torch.compile: ~25% faster steps after a one-off ~1.5 min "
                           "compile (H200, 7B). None = auto: on in performance_mode speed, off otherwise (it pays back "
                           "after ~2,000 steps).", "nargs": "?", "const": True},
     )
@@ -305,8 +306,37 @@ def validate_config(cfg: Config) -> list[str]:
     check(0 < cfg.top_p <= 1, f"top_p={cfg.top_p} must be in (0, 1]")
     check(bool(cfg.model_name.strip()), "model_name is empty; give a hub id or a local folder")
     check(bool(cfg.dataset_name.strip()), "dataset_name is empty; give a hub id or a local file")
-    check(bool(cfg.new_model.strip()) and "/" not in cfg.new_model, f"new_model={cfg.new_model!r} must be a plain folder name")
+    check(bool(cfg.output_dir.strip()), "output_dir is empty; give the folder for the run's files, e.g. --output_dir results")
+    check(0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32 - 1] (numpy's seed range), e.g. 42")
+    check(not (cfg.resume and cfg.overwrite),
+          "--resume continues the run in output_dir and --overwrite replaces it; give only one of them")
+    problems += _non_finite_numbers(cfg)
+    name_problem = adapter_name_problem(cfg.new_model)
+    check(name_problem is None, f"new_model={cfg.new_model!r} {name_problem}")
     return problems
+
+
+def _non_finite_numbers(cfg: Config) -> list[str]:
+    """inf and nan pass every `>= 0` check above, and then train on garbage: no float setting may hold them."""
+    return [f"{f.name}={getattr(cfg, f.name)} must be a finite number" for f in dataclasses.fields(cfg)
+            if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot be the adapter's folder inside output_dir, or None.
+
+    The adapter is saved by replacing the folder output_dir/name; a name that resolves anywhere else
+    ('.', '..', an absolute path, a path with a separator) would make that replace hit output_dir itself
+    or a folder outside it. Names starting with '.' are output_dir's own temporary folders.
+    """
+    if not name.strip():
+        return "is empty; give a folder name such as my-adapter"
+    separators = {"/", "\\", os.sep, os.altsep or "/"}
+    if name in (".", "..") or any(sep in name for sep in separators) or "\0" in name or os.path.isabs(name):
+        return "must be a plain folder name inside output_dir (no '.', '..', separators or absolute paths), e.g. my-adapter"
+    if name.startswith("."):
+        return "must not start with '.' (output_dir keeps its temporary folders under such names)"
+    return None
 
 
 def _build_parser(preset_defaults: dict):
@@ -320,16 +350,20 @@ def _build_parser(preset_defaults: dict):
         raise ConfigError(f"{message} (`python main.py --help` lists every field)")
 
     parser.error = fail
+    for action in parser._actions:  # argparse reads '%' in help as a format code ("30% more" crashed --help)
+        if isinstance(action.help, str):
+            action.help = action.help.replace("%", "%%")
     return parser
 
 
 def _preset_from_argv(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--preset="):
-            return arg.split("=", 1)[1]
-    return ""
+    """The one --preset on the command line ('' for none); two are refused, since only one can apply."""
+    presets = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--preset"]
+    presets += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
+    if len(presets) > 1:
+        raise ConfigError(f"--preset is given {len(presets)} times ({', '.join(presets)}); give one, then override "
+                          "single fields by name (`python main.py --help` lists them)")
+    return presets[0] if presets else ""
 
 
 def _unknown_flags(argv: list[str], parser) -> list[str]:
@@ -355,7 +389,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
     Order of precedence: explicit flags > the preset's values > the defaults in this file.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     preset = _preset_from_argv(argv)
     if preset and preset not in PRESETS:
         raise ConfigError(_choice_error("preset", preset, PRESETS))
@@ -363,7 +397,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
     unknown = _unknown_flags(argv, parser)
     if unknown:
         raise ConfigError("unknown setting(s):\n  - " + "\n  - ".join(unknown))
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    cfg, stray = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if stray:
+        raise ConfigError(f"unexpected argument(s) {' '.join(stray)!r}: settings are given as --name value, "
+                          "e.g. --dataset_name my_rows.jsonl (`python main.py --help` lists them)")
     problems = validate_config(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -20,7 +20,8 @@ import torch
 
 from config import Config, ConfigError, validate_config
 from data_preparation import format_prompt
-from model_setup import DTYPES, SetupError, load_base_model, load_tokenizer, resolve_model_path, resolve_runtime
+from model_setup import (DTYPES, SetupError, load_base_model, load_tokenizer, quiet_library_noise, resolve_model_path,
+                         resolve_runtime)
 
 
 class InferenceError(RuntimeError):
@@ -164,6 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()  # before bitsandbytes is first imported (by the model load below)
     args = parse_args(argv)
     try:
         if args.merge_to is not None:

@@ -11,23 +11,32 @@ Exit status: 0 done, 2 bad input (the message says what to change), 130/143 inte
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
-import warnings
 
-import torch
+from model_setup import quiet_library_noise
 
-from config import Config, ConfigError, parse_config
-from data_preparation import DataError, prepare_datasets
-from inference import GenerationSettings, generate, make_generator
-from model_setup import SetupError, add_lora, load_base_model, load_model_config, load_tokenizer, resolve_runtime
-from performance import PlanError, apply_plan, format_plan, plan_performance
-from report import (PhaseClock, build_metrics, compare_answers, eval_seconds, format_held_out, format_phases,
-                    held_out_metrics, write_report)
-from training import (OutOfMemory, StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
-                      free_memory, micro_batch_of, out_of_memory_message, prepare_output_dir, run_training, save_adapter)
+# Here, not in main(): bitsandbytes logs its noise when it is imported, and the imports below
+# (transformers' Trainer, then PEFT) import it.
+quiet_library_noise()
 
-USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, PlanError)
+import torch  # noqa: E402
+
+from config import Config, ConfigError, parse_config  # noqa: E402
+from data_preparation import DataError, prepare_datasets  # noqa: E402
+from inference import GenerationSettings, generate, make_generator  # noqa: E402
+from model_setup import (SetupError, add_lora, count_parameters, load_base_model, load_model_config,  # noqa: E402
+                         load_tokenizer, resolve_runtime)
+from performance import PlanError, apply_plan, format_plan, plan_performance  # noqa: E402
+from report import (PhaseClock, build_metrics, compare_answers, eval_seconds, format_held_out,  # noqa: E402
+                    format_phases, held_out_metrics, report_is_written, write_report)
+from run_files import OutputDirError, hold_output_dir, inspect_output_dir, recover_interrupted_replace  # noqa: E402
+from training import (CheckpointBookkeeping, OutOfMemory, SaveFailed, StopOnSignal, TrainingError,  # noqa: E402
+                      build_trainer, check_steps, format_parameter_counts, format_summary, free_memory,
+                      micro_batch_of, out_of_memory_message, processes, run_training, save_or_keep_adapter)
+
+USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, OutputDirError, PlanError)
 
 
 class Interrupted(Exception):
@@ -39,52 +48,75 @@ class Interrupted(Exception):
 def train_and_save(cfg: Config, argv: list[str], clock: PhaseClock) -> dict:
     runtime = resolve_runtime(cfg)
     print(f"device: {runtime.reason}")
-    resume_from = prepare_output_dir(cfg)
-    plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(resume_from))
+    start = inspect_output_dir(cfg)  # what to resume or replace; nothing is changed before every check below
+    plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(start.checkpoint))
     cfg = apply_plan(cfg, plan)  # from here on, cfg holds the values that run
     print(format_plan(plan))
     try:
-        return train_with_plan(cfg, runtime, resume_from, argv, clock)
+        return train_with_plan(cfg, runtime, start, argv, clock)
     except torch.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_message(cfg)) from None
 
 
-def train_with_plan(cfg: Config, runtime, resume_from, argv: list[str], clock: PhaseClock) -> dict:
+def train_with_plan(cfg: Config, runtime, start, argv: list[str], clock: PhaseClock) -> dict:
     with clock.phase("load"):
         tokenizer = load_tokenizer(cfg)
     with clock.phase("data"):
         train_rows, eval_rows = prepare_datasets(cfg, tokenizer)
+    check_steps(len(train_rows), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, processes(),
+                cfg.num_train_epochs, cfg.max_steps, cfg.warmup_ratio)
     with clock.phase("load"):
         model = add_lora(load_base_model(cfg, runtime), cfg)
     print(format_parameter_counts(model))
+    start.check_disk(count_parameters(model)[0], cfg.save_steps, cfg.save_total_limit)
     stop = StopOnSignal().install()
     try:
-        trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, runtime, callbacks=[stop])
-        with clock.phase("evaluation"):
-            before = held_out_metrics(trainer, base_model=True)
-        with clock.phase("train"):
-            summary = run_training(trainer, runtime, str(resume_from) if resume_from else None)
+        with start.replacing() as earlier:  # an earlier run (--overwrite) stays until this one has saved something
+            trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, runtime,
+                                    callbacks=[stop, CheckpointBookkeeping(cfg, earlier)])
+            with clock.phase("evaluation"):
+                before = held_out_metrics(trainer, base_model=True)
+            with clock.phase("train"):
+                summary, finished_before = run_training(trainer, runtime, start.checkpoint)
+            with clock.phase("save"):
+                adapter = save_or_keep_adapter(trainer.model, tokenizer, cfg,
+                                               start.checkpoint if finished_before else None)
     finally:
         stop.uninstall()
-    with clock.phase("save"):
-        adapter = save_adapter(trainer.model, tokenizer, cfg)
     if stop.received is not None:
         raise Interrupted(stop.received, interrupted_message(trainer.state.global_step, adapter, cfg, argv))
     with clock.phase("evaluation"):
         after = held_out_metrics(trainer)
     return {"trainer": trainer, "tokenizer": tokenizer, "summary": summary, "adapter": adapter,
-            "before": before, "after": after, "cfg": cfg}
+            "before": before, "after": after, "finished_before": finished_before, "cfg": cfg}
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run, shell-quoted so that it works when pasted: the same
+    flags without --resume/--overwrite (and their values), then --resume latest."""
+    kept, drop_value = [], False
+    for arg in argv:
+        if drop_value and not arg.startswith("--"):
+            drop_value = False
+            continue
+        drop_value = arg in ("--resume", "--overwrite")
+        if not drop_value and not arg.startswith(("--resume=", "--overwrite=")):
+            kept.append(arg)
+    return shlex.join(["python", "main.py", *kept, "--resume", "latest"])
 
 
 def interrupted_message(step: int, adapter, cfg: Config, argv: list[str]) -> str:
-    args = " ".join(a for a in argv if a not in ("--resume",)) if argv else ""
     return (f"interrupted at step {step}: adapter of this state saved to {adapter}, checkpoint in {cfg.output_dir}.\n"
-            f"resume with: python main.py {args} --resume latest".replace("  ", " "))
+            f"resume with: {resume_command(argv)}")
 
 
 def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
-    free_memory()  # as the seed: give cached GPU memory back before generating
     trainer, summary = run["trainer"], run["summary"]
+    if run["finished_before"] and report_is_written(cfg.output_dir):
+        print(f"\n{format_summary(summary)}\nthe run was already complete: adapter {run['adapter']}, report in "
+              f"{cfg.output_dir}; nothing was missing")
+        return {**run, "answer": None, "paths": None}
+    free_memory()  # as the seed: give cached GPU memory back before generating
     settings = GenerationSettings.from_config(cfg)
     with clock.phase("generation"):
         generator = make_generator(trainer.model, run["tokenizer"])
@@ -93,7 +125,7 @@ def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
     phases = clock.split(eval_seconds(trainer.state.log_history))
     metrics = build_metrics(cfg, summary, run["before"], run["after"], trainer.state.log_history,
                             eval_seconds(trainer.state.log_history), phases)
-    paths = write_report(cfg.output_dir, metrics, answers)
+    paths = write_report(cfg.output_dir, metrics, answers, run["adapter"])
     print(f"\n{format_summary(summary)}\n{format_phases(phases)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
     print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
@@ -101,23 +133,25 @@ def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    cfg = parse_config(argv)
     clock = PhaseClock()
-    result = train_and_save(parse_config(argv), argv, clock)
-    return evaluate_and_report(result["cfg"], result, clock)
+    with hold_output_dir(cfg.output_dir):  # one run per output_dir, released however this ends
+        recover_interrupted_replace(cfg.output_dir)
+        result = train_and_save(cfg, argv, clock)
+        return evaluate_and_report(result["cfg"], result, clock)
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Library deprecation chatter (gradient_checkpointing renames) is not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     try:
         run(argv)
     except OutOfMemory as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        resume = f"\nresume with: {resume_command(argv)}" if isinstance(exc, SaveFailed) else ""
+        print(f"error: {exc}{resume}\n(`python main.py --help` lists every setting)", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"\n{exc}", file=sys.stderr)

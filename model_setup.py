@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -79,7 +80,30 @@ def load_model_config(cfg: Config):
     """The model's architecture (config.json only): enough to plan memory before loading weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(resolve_model_path(cfg.model_name), trust_remote_code=cfg.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(cfg.model_name), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise load_error(cfg.model_name, "config", exc) from exc
+
+
+def load_error(model_name: str, what: str, exc: Exception) -> SetupError:
+    """What to do about a base model (or its tokenizer) that does not load, instead of a raw OSError."""
+    from huggingface_hub import is_offline_mode
+
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        return SetupError(f"model_name={model_name!r} is a folder, but its {what} does not load ({cause}); it needs "
+                          "config.json, the tokenizer files and *.safetensors weights, as save_pretrained writes them")
+    if path.exists() or model_name.startswith((".", "/", "~")) or model_name.count("/") > 1 or "\\" in model_name:
+        return SetupError(f"model folder {model_name!r} does not exist (working directory: {os.getcwd()}); check "
+                          "--model_name, or give a hub id such as NousResearch/Llama-2-7b-chat-hf")
+    if is_offline_mode():
+        return SetupError(f"model {model_name!r} is not a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE "
+                          "is set, so the hub is not tried; unset HF_HUB_OFFLINE to download it, or point --model_name "
+                          f"at a local copy (or try the pipeline with --preset tiny)")
+    return SetupError(f"could not load the {what} of {model_name!r} from the Hugging Face Hub ({cause}); check the name "
+                      "and your network (gated models need `hf auth login`), or point --model_name at a local folder")
 
 
 def build_bnb_config(cfg: Config, compute_dtype: torch.dtype):
@@ -102,7 +126,10 @@ def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise load_error(cfg.model_name, "tokenizer", exc) from exc
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
             tokenizer.pad_token = tokenizer.unk_token
@@ -157,7 +184,10 @@ def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None
         kwargs["quantization_config"] = build_bnb_config(cfg, runtime.compute_dtype)
     path = resolve_model_path(cfg.model_name)
     # use_safetensors: weights never come from pickles, which can run code when loaded.
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except OSError as exc:
+        raise load_error(cfg.model_name, "weights", exc) from exc
     if quantized:
         disable_bnb_cpu_repack(model)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -177,22 +207,49 @@ def build_lora_config(cfg: Config):
     )
 
 
-def check_target_modules(model, target_modules: list[str]) -> None:
-    """Fail with the names the model does have when a LoRA target matches no layer."""
-    leaf_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    missing = [t for t in target_modules if t not in leaf_names]
+def check_target_modules(model, target_modules: list[str], lora_r: int) -> None:
+    """Fail with the names the model does have when a LoRA target matches no layer, and refuse a rank
+    above the narrowest target's min(in, out): B @ A has at most that rank, so the rest of r only adds
+    parameters (and memory), never capacity."""
+    linears = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [t for t in target_modules if t not in linears]
     if missing:
         raise SetupError(
             f"lora_target_modules {missing} match no linear layer of this model; "
-            f"its linear layers are: {', '.join(sorted(leaf_names))}"
+            f"its linear layers are: {', '.join(sorted(linears))}"
         )
+    name, layer = min(((t, linears[t]) for t in target_modules), key=lambda item: min(item[1].in_features, item[1].out_features))
+    width = min(layer.in_features, layer.out_features)
+    if lora_r > width:
+        raise SetupError(f"lora_r={lora_r} is larger than the layers it adapts allow: {name} is {layer.in_features} x "
+                         f"{layer.out_features}, so a LoRA update has rank at most {width}, and a larger r only adds "
+                         f"parameters. Use --lora_r {width} or less")
+
+
+def quiet_library_noise() -> None:
+    """Silence library messages that a user cannot act on; call it before bitsandbytes is imported.
+
+    - bitsandbytes, on CPUs with AVX512-BF16, tries at import to fetch an optional inference kernel
+      from the hub and logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it
+      cannot (offline, or without the `kernels` package); its built-in kernel is used instead.
+    - bitsandbytes' paged optimizers run unpaged on a CPU, with the same update, and warn about it.
+    - transformers' deprecation notes about gradient_checkpointing names this project does not use.
+    Warnings a user can act on (a missing tensorboard, a setting that is ignored) stay.
+    """
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit_forward" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r"Paged optimizers are not supported on CPU", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 def add_lora(model, cfg: Config):
     """Prepare the (4-bit) base for training and wrap it with the LoRA adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    check_target_modules(model, cfg.lora_target_modules)
+    check_target_modules(model, cfg.lora_target_modules, cfg.lora_r)
     if getattr(model, "is_loaded_in_4bit", False):
         # Casts norms/embeddings to fp32 for stable training and wires gradient checkpointing.
         # Non-reentrant checkpointing: the reentrant kind silently drops LoRA grads when the

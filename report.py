@@ -10,6 +10,7 @@ Files written to output_dir: metrics.json (for programs), loss_curve.png, report
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -39,6 +40,10 @@ def held_out_metrics(trainer, base_model: bool = False) -> HeldOut | None:
     """
     if trainer.eval_dataset is None:
         return None
+    logged = None if base_model else evaluation_at(trainer.state.log_history, trainer.state.global_step)
+    if logged is not None:  # the Trainer evaluated these weights already (at the last epoch's end): no second pass
+        loss = float(logged["eval_loss"])
+        return HeldOut(loss, safe_exp(loss), len(trainer.eval_dataset), float(logged.get("eval_runtime", 0.0)))
     prefix = "base" if base_model else "eval"
     if base_model:
         with trainer.model.disable_adapter():
@@ -76,6 +81,11 @@ class PhaseClock:
 
 def format_phases(phases: dict[str, float]) -> str:
     return "time: " + " | ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+
+
+def evaluation_at(log_history: list[dict], step: int) -> dict | None:
+    """The held-out evaluation logged at `step`, if the Trainer made one there."""
+    return next((e for e in reversed(log_history) if "eval_loss" in e and e.get("step") == step), None)
 
 
 def safe_exp(loss: float) -> float:
@@ -184,7 +194,46 @@ def compare_answers(model, generator, prompts: list[str], settings, generate) ->
     return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base, tuned)]
 
 
-def write_report(output_dir: str | os.PathLike, metrics: dict, answers: list[dict]) -> dict[str, Path]:
+def render_model_card(metrics: dict, adapter_name: str) -> str:
+    """The adapter's README.md: what it was trained from, how, and what it measured."""
+    cfg, train = metrics["config"], metrics["train"]
+    rows_per_step = cfg["per_device_train_batch_size"] * cfg["gradient_accumulation_steps"]
+    base = f"{'NF4' if cfg['bnb_4bit_quant_type'] == 'nf4' else 'FP4'} 4-bit" if cfg["use_4bit"] else "unquantised"
+    if metrics["eval_loss_before"] is not None:
+        result = (f"held-out loss {metrics['eval_loss_before']:.4f} (base) -> {metrics['eval_loss_after']:.4f} "
+                  f"(fine-tuned), perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}, "
+                  f"on {metrics['held_out_rows']} held-out rows")
+    else:
+        result = "no held-out rows (eval_fraction=0 and no eval_dataset)"
+    return "\n".join([
+        "---", f"base_model: {cfg['model_name']}", "library_name: peft", "tags: [lora, qlora, sft]", "---", "",
+        f"# {adapter_name}", "",
+        f"A LoRA adapter for `{cfg['model_name']}`, fine-tuned on `{cfg['dataset_name']}` with QLoRA "
+        "(LlamaFinetuning). Prompts are Llama-2 chat: `[INST] {question} [/INST]`.", "",
+        "| | |", "|---|---|",
+        f"| base model | `{cfg['model_name']}`, loaded {base} |",
+        f"| data | `{cfg['dataset_name']}`; loss on {'the answers only' if cfg['train_on_answers_only'] else 'the whole text'} |",
+        f"| LoRA | r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, dropout={cfg['lora_dropout']}, on "
+        f"{', '.join(cfg['lora_target_modules'])} |",
+        f"| training | {train['global_step']} steps of {rows_per_step} rows, learning rate {cfg['learning_rate']} "
+        f"({cfg['lr_scheduler_type']}), up to {cfg['max_seq_length']} tokens per row, seed {cfg['seed']} |",
+        f"| result | {result} |", "",
+        "Use it: `python inference.py --adapter <this folder> \"your question\"` (every setting: run_config.json).", "",
+    ])
+
+
+def report_is_written(output_dir: str | os.PathLike) -> bool:
+    """Whether output_dir holds a complete report (metrics.json parses, report.md is there)."""
+    out = Path(output_dir)
+    try:
+        json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (out / REPORT_FILE).is_file()
+
+
+def write_report(output_dir: str | os.PathLike, metrics: dict, answers: list[dict], adapter: Path | None = None) -> dict[str, Path]:
+    """metrics.json, loss_curve.png and report.md in output_dir, and the adapter's model card."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train = [(p["step"], p["loss"]) for p in metrics["train_loss_per_step"]]
@@ -193,6 +242,8 @@ def write_report(output_dir: str | os.PathLike, metrics: dict, answers: list[dic
     write_json(out / METRICS_FILE, {**metrics, "answers": answers})
     report = out / REPORT_FILE
     report.write_text(render_markdown(metrics, answers, CURVE_FILE), encoding="utf-8")
+    if adapter is not None:
+        (Path(adapter) / "README.md").write_text(render_model_card(metrics, Path(adapter).name), encoding="utf-8")
     return {"metrics": out / METRICS_FILE, "curve": curve, "report": report}
 
 

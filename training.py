@@ -24,16 +24,23 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ExportableState, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from config import Config, save_config
+from config import TINY_MODEL_NAME, Config, save_config
 from model_setup import Runtime, count_parameters, keep_adapter_fp32
+from run_files import (SetAside, check_save_target, describe_checkpoints, is_adapter_folder, is_main_process,
+                       replace_folder, safetensors_problem, save_failed_message)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
+
+
+class SaveFailed(TrainingError):
+    """A checkpoint or the adapter could not be written (full disk, quota, I/O); the run can be resumed."""
 
 
 @dataclass
@@ -151,7 +158,8 @@ def non_finite_message(what: str, value: float, step: int, args) -> str:
 
 
 def guarded_trainer_class():
-    """SFTTrainer that stops at the first non-finite training loss, naming the step."""
+    """SFTTrainer that stops at the first non-finite loss, replays the data order exactly on resume,
+    reports a failed checkpoint save clearly, and writes no TRL model card."""
     from trl import SFTTrainer
 
     class GuardedSFTTrainer(SFTTrainer):
@@ -162,7 +170,104 @@ def guarded_trainer_class():
                 raise TrainingError(non_finite_message("training loss", loss.item(), self.state.global_step + 1, self.args))
             return loss
 
+        def _get_train_sampler(self, train_dataset=None):
+            return epoch_seeded(super()._get_train_sampler(train_dataset), self.args)
+
+        def _save_checkpoint(self, model, trial):
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            existed = folder.exists()
+            try:
+                super()._save_checkpoint(model, trial)
+            except Exception as exc:  # a full disk reaches here as OSError, RuntimeError or SafetensorError
+                if not existed:
+                    shutil.rmtree(folder, ignore_errors=True)  # half written: gives the room it took back
+                kept = (f"{'Removed the partial' if not existed else 'Left the incomplete'} {folder.name}; "
+                        f"{describe_checkpoints(self.args.output_dir)}, and the adapter from before is untouched.")
+                raise SaveFailed(save_failed_message("checkpoint", folder, exc, kept)) from exc
+
+        def create_model_card(self, *args, **kwargs):
+            """TRL's card in output_dir names no base for a local model ("fine-tuned version of [None]")
+            and no result; report.md is the run's card, and the adapter gets report.render_model_card's."""
+
     return GuardedSFTTrainer
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order that depends on (seed, epoch) only, so a resumed run replays it exactly.
+
+    transformers 5.23 builds its LengthGroupedSampler without a generator: every epoch's order is
+    drawn from the global torch RNG, whose state by then depends on all the dropout masks drawn in
+    the epochs before. A resumed run restores the RNG only at its checkpoint, so from the first
+    epoch boundary after it (and in the epoch it resumes in, if that is not the first) it drew
+    another order than the uninterrupted run: losses differed by up to 1.7. The Trainer calls
+    set_epoch at the start of every epoch, as for accelerate's SeedableRandomSampler (the random
+    strategy, which was exact already), and this order follows from it alone.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def epoch_seeded(sampler, args):
+    if type(sampler) is LengthGroupedSampler:
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+    return sampler
+
+
+class CheckpointBookkeeping(TrainerCallback):
+    """After each complete checkpoint: record the run's settings in it (run_files.shape_changes reads
+    them on resume) and drop the earlier run that --overwrite set aside, since the new run now has
+    something to replace it with."""
+
+    def __init__(self, cfg: Config, earlier: SetAside | None = None):
+        self.cfg, self.earlier = cfg, earlier
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            save_config(self.cfg, folder / "run_config.json")
+        if self.earlier is not None:
+            self.earlier.drop()
+
+
+class TrainingClock(TrainerCallback, ExportableState):
+    """Seconds spent in training and its peak memory, over every process that trained this run.
+
+    The Trainer keeps this state in each checkpoint's trainer_state.json, so a resumed run's summary
+    covers the whole run, and a finished run that is resumed only to finish its report can still
+    say how fast it trained.
+    """
+
+    def __init__(self, seconds: float = 0.0, peak_memory_gib: float = 0.0):
+        self.seconds, self.peak_memory_gib = seconds, peak_memory_gib
+        self._since: float | None = None
+
+    def elapsed(self) -> float:
+        return self.seconds + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._since = time.perf_counter()
+        # A checkpoint written before this clock existed has no slot for it, and the Trainer's save
+        # would fail on the missing key.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.peak_memory_gib = max(self.peak_memory_gib, peak_memory(args.device.type == "cuda")[0])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds, self._since = self.elapsed(), None
+
+    def state(self) -> dict:
+        return {"args": {"seconds": self.elapsed(), "peak_memory_gib": self.peak_memory_gib}, "attributes": {}}
 
 
 class StopOnSignal(TrainerCallback):
@@ -222,29 +327,98 @@ def keep_tensorboard_in_output_dir(trainer, output_dir: str) -> None:
             callback.logging_dir = str(Path(output_dir) / default_logdir())
 
 
-def peak_memory(runtime: Runtime) -> tuple[float, str]:
-    if runtime.is_cuda:
+def peak_memory(is_cuda: bool) -> tuple[float, str]:
+    if is_cuda:
         return torch.cuda.max_memory_allocated() / 2**30, "GPU allocated"
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"  # ru_maxrss is KiB on Linux
 
 
-def run_training(trainer, runtime: Runtime, resume_from: str | None = None) -> TrainSummary:
+def optimizer_steps(batches_per_epoch: int, accumulation: int, epochs: float, max_steps: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, in the whole run), counted as transformers 5.23's Trainer does."""
+    per_epoch = max(math.ceil(batches_per_epoch / accumulation), 1)
+    return per_epoch, max_steps if max_steps > 0 else math.ceil(epochs * per_epoch)
+
+
+def check_steps(train_rows: int, micro_batch: int, accumulation: int, processes: int, epochs: float, max_steps: int,
+                warmup_ratio: float, printer=print) -> None:
+    """Refuse a layout whose optimizer steps are not what the settings say, before the model loads,
+    and say so when warmup takes every step (a 1-step run learns nothing at learning rate 0).
+
+    An optimizer step never spans two epochs: with more accumulation than the forward passes of an
+    epoch, each epoch made one short step instead.
+    """
+    batches = math.ceil(train_rows / (micro_batch * processes))
+    if accumulation > batches:
+        per_pass = f"{micro_batch} per pass" + (f" on each of {processes} processes" if processes > 1 else "")
+        raise TrainingError(
+            f"gradient_accumulation_steps={accumulation} is more than the {batches} forward passes of one epoch "
+            f"({train_rows} training rows, {per_pass}): an optimizer step cannot span two epochs, so each would take "
+            f"one step of {batches} passes instead. Lower gradient_accumulation_steps to at most {batches}, or train "
+            "on more rows")
+    _, total = optimizer_steps(batches, accumulation, epochs, max_steps)
+    warmup = math.ceil(total * warmup_ratio)
+    if warmup >= total:
+        printer(f"note: this run makes {total} optimizer step(s), and warmup_ratio={warmup_ratio} spends all of them "
+                "warming the learning rate up from 0: the adapter will learn nothing. Train longer, or set --warmup_ratio 0")
+
+
+def planned_steps(trainer) -> int:
+    """How many optimizer steps this trainer's run makes in all, from its real dataloader."""
+    args = trainer.args
+    return optimizer_steps(len(trainer.get_train_dataloader()), args.gradient_accumulation_steps,
+                           args.num_train_epochs, args.max_steps)[1]
+
+
+def run_training(trainer, runtime: Runtime, resume_from: Path | None = None) -> tuple[TrainSummary, bool]:
+    """Train (or continue from `resume_from`); returns the summary over the whole run, and whether
+    the checkpoint had finished training already, in which case nothing is trained again."""
+    clock = TrainingClock()
+    trainer.add_callback(clock)
+    if resume_from is not None and checkpoint_state(resume_from)["global_step"] >= planned_steps(trainer):
+        finished = load_finished_checkpoint(trainer, resume_from)
+        print(f"resume: training finished at step {trainer.state.global_step} in {resume_from.name}; nothing is "
+              "trained again and no weight changes, only what is missing is finished (adapter, evaluation, report)")
+        return summarize(trainer, runtime, finished), True
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    clock = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingClock))  # a resume replaces it
+    return summarize(trainer, runtime, clock, result.training_loss), False
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def load_finished_checkpoint(trainer, checkpoint: Path) -> TrainingClock:
+    """Put a finished checkpoint's LoRA weights and log into the trainer, without a training step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"), device=str(trainer.model.device))
+    loaded = set_peft_model_state_dict(trainer.model, weights)
+    if loaded.unexpected_keys:
+        raise TrainingError(f"{checkpoint} holds weights this model has no place for ({loaded.unexpected_keys[:3]}); "
+                            "resume with the settings it was trained with")
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    stored = trainer.state.stateful_callbacks.get(TrainingClock.__name__, {}).get("args", {})
+    return TrainingClock(**stored)
+
+
+def summarize(trainer, runtime: Runtime, clock: TrainingClock, training_loss: float | None = None) -> TrainSummary:
     trainable, total = count_parameters(trainer.model)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - start
-    tokens = int(trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0))
+    wall = clock.elapsed()
+    tokens = int(trainer.state.num_input_tokens_seen)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    peak, kind = peak_memory(runtime)
+    peak, kind = peak_memory(runtime.is_cuda)
     return TrainSummary(
         wall_time_s=wall,
         train_tokens=tokens,
         tokens_per_second=tokens / wall if wall > 0 else 0.0,
-        peak_memory_gib=peak,
+        peak_memory_gib=max(peak, clock.peak_memory_gib),
         peak_memory_kind=kind,
-        final_train_loss=losses[-1] if losses else result.training_loss,
+        final_train_loss=losses[-1] if losses else training_loss,
         global_step=trainer.state.global_step,
         trainable_params=trainable,
         total_params=total,
@@ -269,31 +443,73 @@ def adapter_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.new_model
 
 
-def save_adapter(model, tokenizer, cfg: Config, target: Path | None = None) -> Path:
-    """Write adapter + tokenizer + the config used, atomically.
+def save_adapter(model, tokenizer, cfg: Config) -> Path:
+    """Write adapter + tokenizer + the config used, atomically, to output_dir/new_model.
 
-    Everything goes to a temporary sibling folder first and replaces the target only once
-    complete, so a crash or a full disk never leaves a half-written adapter, and an earlier adapter
-    survives a failed save.
+    Everything goes to a temporary sibling folder first and replaces the adapter folder only once
+    complete (run_files.replace_folder, which replaces nothing but that folder), so a crash or a full
+    disk never leaves a half-written adapter, and an earlier adapter survives a failed save.
     """
-    target = Path(target or adapter_dir(cfg))
+    target = adapter_dir(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
+    check_save_target(target, cfg.output_dir)  # before anything is written next to it
     staging = target.with_name(f".{target.name}.saving")
-    previous = target.with_name(f".{target.name}.previous")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / "run_config.json")
+        name_the_base(staging, cfg.model_name)
+    except Exception as exc:  # a full disk reaches here as OSError, RuntimeError or SafetensorError
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = (f"The adapter in {target} from before is untouched" if target.exists() else "No adapter was written")
+        raise SaveFailed(save_failed_message("the adapter to", target, exc,
+                                                f"{kept}; {describe_checkpoints(cfg.output_dir)}.")) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(staging, target)  # same folder, so a rename: never half done
-    shutil.rmtree(previous, ignore_errors=True)
-    return target
+    return replace_folder(staging, target, cfg.output_dir)
+
+
+def name_the_base(adapter: Path, model_name: str) -> None:
+    """adapter_config.json names the base as PEFT loaded it: for the tiny model, this machine's cache
+    folder. It names 'tiny-llama' instead, which resolves wherever this project runs (hub ids and
+    local folders stay as given). PEFT's template model card goes: it is empty but for that path, and
+    report.render_model_card writes a real one once the run is evaluated."""
+    if model_name == TINY_MODEL_NAME:
+        config_path = adapter / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+        adapter_config["base_model_name_or_path"] = model_name
+        config_path.write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
+    (adapter / "README.md").unlink(missing_ok=True)
+
+
+def save_or_keep_adapter(model, tokenizer, cfg: Config, finished_checkpoint: Path | None) -> Path:
+    """Save the adapter, unless this run only finishes a finished checkpoint whose weights the saved
+    adapter holds already: then it is kept as it is, and that is said."""
+    adapter = adapter_dir(cfg)
+    if finished_checkpoint is not None and holds_weights_of(adapter, finished_checkpoint):
+        print(f"adapter: {adapter} already holds the weights of {finished_checkpoint.name}; kept as it is")
+        return adapter
+    if not is_main_process():  # one process writes the files of a multi-GPU run
+        return adapter
+    return save_adapter(model, tokenizer, cfg)
+
+
+def holds_weights_of(adapter: Path, checkpoint: Path) -> bool:
+    """Whether the saved adapter folder is whole and has exactly the checkpoint's LoRA weights."""
+    from safetensors.torch import load_file
+
+    weights = "adapter_model.safetensors"
+    if not is_adapter_folder(adapter) or safetensors_problem(adapter / weights):
+        return False
+    saved, trained = load_file(str(adapter / weights)), load_file(str(checkpoint / weights))
+    return saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+
+
+def processes() -> int:
+    """Training processes of this run (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def free_memory() -> None:
@@ -314,55 +530,7 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------- output folder and resuming
-
-RUN_MARKERS = ("metrics.json", "report.md", "trainer_state.json")
-
-
-def existing_run_files(cfg: Config) -> list[str]:
-    """What in output_dir belongs to an earlier run (checkpoints, adapter, report)."""
-    out = Path(cfg.output_dir)
-    if not out.is_dir():
-        return []
-    found = sorted(p.name for p in out.glob("checkpoint-*"))
-    found += [name for name in RUN_MARKERS if (out / name).exists()]
-    if adapter_dir(cfg).exists():
-        found.append(cfg.new_model)
-    return found
-
-
-def latest_checkpoint(output_dir: str) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not Path(output_dir).is_dir():
-        return None
-    last = get_last_checkpoint(output_dir)
-    return Path(last) if last else None
-
-
-def prepare_output_dir(cfg: Config) -> Path | None:
-    """Check output_dir before anything heavy loads; returns the checkpoint to resume from, if any.
-
-    A run never replaces an earlier run's files unless --overwrite is given; --resume continues one.
-    """
-    if cfg.resume:
-        checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
-        if checkpoint is None:
-            raise TrainingError(f"--resume latest: no checkpoint-* folder in {cfg.output_dir}; start a fresh run without --resume")
-        if not (checkpoint / "trainer_state.json").is_file():
-            raise TrainingError(f"--resume {cfg.resume}: {checkpoint} is not a checkpoint folder (no trainer_state.json)")
-        return checkpoint
-    existing = existing_run_files(cfg)
-    if existing and not cfg.overwrite:
-        raise TrainingError(
-            f"{cfg.output_dir} already holds a run ({', '.join(existing[:6])}); nothing was changed. "
-            "Continue it with --resume latest, replace it with --overwrite, or pick another --output_dir"
-        )
-    if existing:  # --overwrite: old checkpoints would confuse a later --resume latest
-        for old in Path(cfg.output_dir).glob("checkpoint-*"):
-            shutil.rmtree(old)
-    return None
-
+# ---------------------------------------------------------------------------- resuming
 
 def micro_batch_of(checkpoint: Path | None) -> int | None:
     """The rows per forward pass a checkpoint was trained with: a resumed run must keep it so that

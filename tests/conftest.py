@@ -1,6 +1,8 @@
 """Shared fixtures: everything runs offline on the bundled tiny Llama (built once per machine)."""
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +59,32 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     proc = run_main(["--preset", "tiny", "--output_dir", out])
     assert proc.returncode == 0, f"main.py failed:\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
     return out, proc
+
+
+# A quick tiny-preset run: the report answers one short prompt.
+QUICK = ["--preset", "tiny", "--report_to", "none", "--report_prompts", "Hi", "--max_new_tokens", "8"]
+# Four steps with a checkpoint at 2 and 4, one loss line per step, and the held-out split.
+SHORT = QUICK + ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory, tiny_model_dir):
+    """One finished SHORT run (checkpoint-2, checkpoint-4, adapter, report); copy it before changing it."""
+    import main
+
+    out = tmp_path_factory.mktemp("short-run") / "run"
+    main.run(SHORT + ["--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture
+def run_copy(short_run, tmp_path):
+    """A private copy of the finished SHORT run, to break and resume."""
+    return Path(shutil.copytree(short_run, tmp_path / "run"))
+
+
+def tree(folder) -> dict[str, str]:
+    """Every file under folder (hidden ones too) -> a hash of its bytes: equal trees, nothing changed."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -74,3 +74,51 @@ def test_readme_documents_every_field():
     documented = set(re.findall(r"^\| `(\w+)` \|", readme, flags=re.M))
     fields = {f.name for f in dataclasses.fields(Config)}
     assert fields - documented == set(), "README.md's settings table misses fields"
+
+
+def test_help_lists_every_setting():
+    """`%` in a help text ("~30% more compute") used to crash argparse's --help."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(PROJECT_DIR / "main.py"), "--help"], capture_output=True, text=True,
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "30% more compute" in proc.stdout.replace("\n", " ").replace("  ", " ")
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name}" in proc.stdout, f.name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], "seed=-1 must be in [0, 2**32 - 1]"),
+    (["--seed", str(2**32)], "seed=4294967296 must be in"),
+    (["--num_train_epochs", "inf"], "num_train_epochs=inf must be a finite number"),
+    (["--num_train_epochs", "nan"], "num_train_epochs=nan must be a finite number"),
+    (["--weight_decay", "inf"], "weight_decay=inf must be a finite number"),
+    (["--max_grad_norm", "inf"], "max_grad_norm=inf must be a finite number"),
+    (["--output_dir", ""], "output_dir is empty"),
+    (["--output_dir", "  "], "output_dir is empty"),
+    (["--resume", "--overwrite"], "give only one of them"),
+])
+def test_values_that_would_crash_or_mislead_are_refused(argv, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", [".", "..", "", " ", "/abs/path", "a/b", "a\\b", "./x", ".hidden"])
+def test_adapter_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(ConfigError, match=re.escape(f"new_model={name!r}")):
+        parse_config(["--new_model", name])
+
+
+def test_two_presets_are_refused():
+    """Only one preset can apply: `--preset tiny --preset seed` applied tiny and recorded seed."""
+    for argv in (["--preset", "tiny", "--preset", "seed"], ["--preset=tiny", "--preset", "tiny"]):
+        with pytest.raises(ConfigError, match=r"--preset is given 2 times"):
+            parse_config(argv)
+
+
+def test_a_stray_positional_argument_is_refused():
+    with pytest.raises(ConfigError, match=r"unexpected argument\(s\) 'my_rows.jsonl'.*--name value"):
+        parse_config(["--preset", "tiny", "my_rows.jsonl"])

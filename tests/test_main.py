@@ -66,3 +66,83 @@ def test_generation_stops_with_eos_before_the_limit(tiny_run):
             stopped.append(question)
     # If the </s> labels were lost (masked as padding, or cut off), none would stop.
     assert len(stopped) >= 7, f"only {len(stopped)} of 10 trained prompts ended with EOS: {stopped}"
+
+
+def test_the_last_evaluation_is_printed_once(tiny_run):
+    out, proc = tiny_run
+    final = json.loads((out / "metrics.json").read_text())["train"]["global_step"]
+    lines = [line for line in proc.stdout.replace("\r", "\n").splitlines() if "eval_loss" in line]
+    assert sum(f"step {final:>5}/{final}" in line for line in lines) == 1, lines[-3:]
+
+
+def test_no_library_noise_a_user_cannot_act_on(tiny_run):
+    _, proc = tiny_run
+    assert "Paged optimizers are not supported" not in proc.stderr
+    assert "gemm_4bit_forward" not in proc.stderr
+    assert "is deprecated" not in proc.stderr
+
+
+def test_bitsandbytes_kernel_message_is_silenced():
+    """On CPUs with AVX512-BF16, importing bitsandbytes logs that a hub kernel could not be fetched.
+    Make bitsandbytes believe this CPU has AVX512-BF16, so that it logs it here too."""
+    import subprocess
+    import sys
+
+    pretend = ("import importlib.abc, sys\n"
+               "class Hook(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path, target=None):\n"
+               "        if name == 'bitsandbytes.backends.cpu.ops':\n"
+               "            import bitsandbytes.functional as f\n"
+               "            f.has_avx512bf16 = lambda: True\n"
+               "sys.meta_path.insert(0, Hook())\n")
+    without = subprocess.run([sys.executable, "-c", pretend + "import bitsandbytes"], capture_output=True, text=True,
+                             timeout=300, cwd=PROJECT_DIR, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert "Failed to load CPU gemm_4bit_forward" in without.stderr  # the pretence works on this machine
+    through_main = subprocess.run([sys.executable, "-c", pretend + "import sys; sys.argv = ['main.py', '--help']; "
+                                   "import runpy; runpy.run_path('main.py', run_name='__main__')"],
+                                  capture_output=True, text=True, timeout=300, cwd=PROJECT_DIR,
+                                  env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert through_main.returncode == 0, through_main.stderr[-2000:]
+    assert "gemm_4bit_forward" not in through_main.stderr
+
+
+def test_adapter_names_a_base_that_resolves_elsewhere_and_has_a_real_card(tiny_run):
+    out, _ = tiny_run
+    adapter = out / "tiny-llama-finetune"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    card = (adapter / "README.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "base_model: tiny-llama" in card and "data/sample.jsonl" in card and "r=32, alpha=16" in card
+    assert f"held-out loss {metrics['eval_loss_before']:.4f} (base) -> {metrics['eval_loss_after']:.4f}" in card
+    assert not (out / "README.md").exists(), "TRL's model card ('fine-tuned version of [None]') is back"
+    assert "[None]" not in card and "More Information Needed" not in card
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model_name", "/no/such/folder"], "model folder '/no/such/folder' does not exist"),
+    (["--model_name", "someorg/somemodel"], "HF_HUB_OFFLINE is set, so the hub is not tried"),
+    (["--model_name", str(PROJECT_DIR / "data")], "is a folder, but its config does not load"),
+    (["--lora_r", "512"], "lora_r=512 is larger than the layers it adapts allow: q_proj is 128 x 128"),
+    (["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "200", "--num_train_epochs", "1"],
+     "is more than the 108 forward passes"),
+    (["--gradient_accumulation_steps", "3"], "does not divide the 8 rows per step"),
+    (["--seed", "-1"], "seed=-1"),
+    (["--dataset_name", "typo.jsonl"], "does not exist"),
+])
+def test_errors_are_one_clear_paragraph_pointing_to_help(tmp_path, tiny_model_dir, capsys, extra, message):
+    import main
+
+    assert main.main(["--preset", "tiny", "--output_dir", tmp_path / "run", "--report_to", "none", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert "`python main.py --help` lists every setting" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_one_step_run_says_warmup_takes_it(tmp_path, tiny_model_dir, capsys):
+    from training import check_steps
+
+    check_steps(108, 1, 8, 1, 10, 1, 0.03)
+    assert "the adapter will learn nothing" in capsys.readouterr().out
+    check_steps(108, 1, 8, 1, 10, 2, 0.03)
+    assert capsys.readouterr().out == ""

@@ -1,8 +1,7 @@
 """Runs that survive: resume, interruption, refusal to overwrite, numerical faults, failed saves."""
 
-import json
 import os
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,33 +12,7 @@ import torch
 
 import main
 import training
-from conftest import PROJECT_DIR, tiny_config
-
-QUICK = ["--preset", "tiny", "--report_to", "none", "--report_prompts", "Hi", "--max_new_tokens", "8"]
-
-
-def losses(metrics_path):
-    return {p["step"]: p["loss"] for p in json.loads(metrics_path.read_text())["train_loss_per_step"]}
-
-
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_dir):
-    """Stop at step 6 (checkpoint), resume, and land on the same per-step losses as one straight run.
-
-    Tolerance 1e-4: on the CPU the math is deterministic, so only float32 reduction order could
-    differ; a wrong data position, optimizer, scheduler or RNG state moves losses by 1e-2 or more.
-    """
-    common = QUICK + ["--max_steps", "12", "--save_steps", "6", "--logging_steps", "1", "--eval_fraction", "0"]
-    out = tmp_path / "run"
-    main.run(common + ["--output_dir", str(out)])
-    expected = losses(out / "metrics.json")
-    # Leave the run as if it had died between step 6 and step 12.
-    shutil.rmtree(out / "checkpoint-12")
-    (out / "metrics.json").unlink()
-    main.run(common + ["--output_dir", str(out), "--resume", "latest"])
-    got = losses(out / "metrics.json")
-    assert set(range(7, 13)) <= set(got)
-    for step in range(7, 13):
-        assert got[step] == pytest.approx(expected[step], abs=1e-4), step
+from conftest import PROJECT_DIR, QUICK
 
 
 def test_existing_run_is_never_overwritten_silently(tmp_path, tiny_model_dir, capsys):
@@ -53,25 +26,17 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, tiny_model_dir, ca
     assert (adapter / "adapter_model.safetensors").read_bytes() == b"precious"
 
 
-def test_overwrite_replaces_the_earlier_run(tmp_path, tiny_model_dir):
-    out = tmp_path / "run"
-    (out / "tiny-llama-finetune").mkdir(parents=True)
-    (out / "checkpoint-99").mkdir()
-    main.run(QUICK + ["--output_dir", str(out), "--max_steps", "2", "--overwrite", "--save_steps", "0"])
-    assert not (out / "checkpoint-99").exists()
-    assert (out / "tiny-llama-finetune" / "adapter_model.safetensors").stat().st_size > 1000
-
-
 def test_resume_without_checkpoint_says_so(tmp_path, tiny_model_dir, capsys):
     assert main.main(QUICK + ["--output_dir", str(tmp_path / "empty"), "--resume", "latest"]) == 2
     assert "no checkpoint-* folder" in capsys.readouterr().err
 
 
 def test_sigterm_saves_the_adapter_and_says_how_to_resume(tmp_path, tiny_model_dir):
-    out = tmp_path / "run"
+    out = tmp_path / "run dir"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(PROJECT_DIR / "main.py"), *QUICK, "--output_dir", str(out),
-                             "--num_train_epochs", "50", "--save_steps", "0", "--logging_steps", "1"],
+    args = [*QUICK, "--output_dir", str(out), "--num_train_epochs", "50", "--save_steps", "0", "--logging_steps", "1",
+            "--example_prompt", "What's the symbol for gold?"]
+    proc = subprocess.Popen([sys.executable, str(PROJECT_DIR / "main.py"), *args],
                             cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     for line in proc.stdout:  # wait until training is really under way
@@ -85,6 +50,10 @@ def test_sigterm_saves_the_adapter_and_says_how_to_resume(tmp_path, tiny_model_d
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "run_config.json").is_file()
     assert not list(out.glob(".*.saving")), "a half-written adapter was left behind"
     assert list(out.glob("checkpoint-*")), "no checkpoint to resume from"
+    assert not (out / ".lock").exists(), "the output_dir lock outlived the run"
+    # The printed command works when pasted: quoted, so that the shell gives main.py these arguments.
+    command = next(line for line in stderr.splitlines() if line.startswith("resume with: "))[len("resume with: "):]
+    assert shlex.split(command) == ["python", "main.py", *args, "--resume", "latest"]
 
 
 def test_nan_loss_stops_at_once_naming_the_step(make_config):
@@ -127,7 +96,7 @@ def test_failed_save_keeps_the_previous_adapter(make_config, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tokenizer, "save_pretrained", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(training.SaveFailed, match=r"could not write the adapter.*No space left.*from before is untouched"):
         training.save_adapter(model, tokenizer, cfg)
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert not list(first.parent.glob(".*.saving"))
