@@ -17,10 +17,12 @@ import warnings
 
 import torch
 
+from chat_format import prompt_text
 from config import Config, ConfigError, parse_config
 from data_preparation import DataError, prepare_datasets
 from inference import GenerationSettings, generate, make_generator
-from model_setup import SetupError, add_lora, load_base_model, load_model_config, load_tokenizer, resolve_runtime
+from model_setup import (SetupError, add_lora, load_base_model, load_model_config, load_tokenizer, resolve_lora_targets,
+                         resolve_runtime)
 from performance import apply_plan, plan_performance
 from report import build_metrics, compare_answers, eval_seconds, format_held_out, held_out_metrics, write_report
 from training import (StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
@@ -39,9 +41,12 @@ def train_and_save(cfg: Config, argv: list[str]) -> dict:
     runtime = resolve_runtime(cfg)
     print(f"device: {runtime.reason}")
     resume_from = prepare_output_dir(cfg)
-    plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(resume_from))
+    model_config = load_model_config(cfg)
+    plan = plan_performance(cfg, runtime, model_config, resumed_micro_batch=micro_batch_of(resume_from))
     cfg = apply_plan(cfg, plan)
     print(f"layout: {plan.reason}")
+    cfg, lora_reason = resolve_lora_targets(cfg, model_config)
+    print(f"lora: {lora_reason}")
     tokenizer = load_tokenizer(cfg)
     train_rows, eval_rows = prepare_datasets(cfg, tokenizer)
     model = add_lora(load_base_model(cfg, runtime), cfg)
@@ -79,7 +84,7 @@ def evaluate_and_report(cfg: Config, run: dict) -> dict:
     paths = write_report(cfg.output_dir, metrics, answers)
     print(f"\n{format_summary(summary)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
-    print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
+    print(f"{prompt_text(run['tokenizer'], [{'role': 'user', 'content': cfg.example_prompt}])}\n{answer}")
     return {**run, "answer": answer, "paths": paths}
 
 
