@@ -410,3 +410,21 @@ def test_max_length_suggestion_fits(tokenizer):
     assert suggested > 256
     rows, _ = dp.tokenize_dataset(data, tokenizer, suggested, True)
     assert len(rows) == 2 and all(any(label != -100 for label in row["labels"]) for row in rows)
+
+
+def test_readme_format_examples_train(tmp_path, tokenizer):
+    """Each two-row example of README "Your own data" loads, is detected as its format, and tokenizes."""
+    import re
+
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"\(`--dataset_format (\w+)`\).*?```json\n(.*?)```", section, flags=re.S)
+    assert sorted(name for name, _ in examples) == ["alpaca", "messages", "prompt_completion", "sharegpt", "text"]
+    examples.append(("prompt_completion", section.split("TRL's conversational form")[1].split("```json\n")[1].split("```")[0]))
+    for name, block in examples:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(block, encoding="utf-8")
+        data, report = dp.clean_dataset(dp.load_raw_dataset(str(path)), tokenizer=tokenizer)
+        assert report.format == name and len(data) == 2, name
+        rows, truncated = dp.tokenize_dataset(data, tokenizer, 256, True)
+        assert len(rows) == 2 and not truncated
