@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chat_format import (ChatFormatError, ChatStyle, ConversationError, TrainingText, answer_spans, chat_style,
-                         check_training_conversation, encode_training_text, format_prompt, llama2_messages,
-                         llama2_problem, normalize_row, training_texts)
+                         check_training_conversation, encode_training_text, llama2_messages, llama2_problem,
+                         normalize_row, training_texts)
+from chat_format import format_prompt  # noqa: F401  (inference.py imports it from here)
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv"}
@@ -362,7 +363,8 @@ def clean_dataset(dataset, dataset_format: str = "auto", on_bad_rows: str = "err
         raise DataError(_bad_rows_message(bad, len(rows), chosen, rows))
     if not kept:
         raise DataError(f"all {len(rows)} rows are empty ({source}); it has nothing to train on" if not bad else
-                        f"no row of {source} is left to train on: {len(bad)} were bad (see above) and {empty} empty")
+                        f"no row of {source} is left to train on: {len(bad)} were dropped as bad (--on_bad_rows skip) "
+                        f"and {empty} were empty; the first bad one, row {bad[0][0]}: {bad[0][1]}")
     how = "forced by dataset_format" if dataset_format != "auto" else "detected from the columns"
     report = CleanReport(rows_in=len(rows), rows_kept=len(kept), empty_dropped=empty, format=chosen, skipped=bad)
     report.notes.append(f"{len(rows):,} rows in {label} format ({how}"

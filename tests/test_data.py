@@ -428,3 +428,10 @@ def test_readme_format_examples_train(tmp_path, tokenizer):
         assert report.format == name and len(data) == 2, name
         rows, truncated = dp.tokenize_dataset(data, tokenizer, 256, True)
         assert len(rows) == 2 and not truncated
+
+
+def test_skip_with_every_row_bad_says_what_was_wrong(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "no format"}, {"text": "[INST] a [/INST] b </s> c"}])
+    with pytest.raises(dp.DataError, match=r"no row of the dataset is left to train on: 2 were dropped as bad "
+                                           r"\(--on_bad_rows skip\) and 0 were empty; the first bad one, row 0: no \[INST\]"):
+        dp.clean_dataset(dp.load_raw_dataset(str(path)), on_bad_rows="skip")
