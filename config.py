@@ -34,6 +34,9 @@ OPTIMIZERS = (
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "none")
 PERFORMANCE_MODES = ("auto", "speed", "memory")
+DATASET_FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion")
+BAD_ROW_POLICIES = ("error", "skip")
+AUTO = "auto"
 
 
 @dataclass
@@ -49,12 +52,13 @@ class Config:
     )
     dataset_name: str = field(
         default="mlabonne/guanaco-llama2-1k",
-        metadata={"help": "Hub id, or a local .json/.jsonl/.csv/.parquet file or saved-dataset folder, with a 'text' column."},
+        metadata={"help": "Hub id, or a local .json/.jsonl/.csv/.parquet file or saved-dataset folder, in one of the "
+                          "formats of dataset_format."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset to train on."})
     train_on_answers_only: bool = field(
         default=True,
-        metadata={"help": "Loss on the answers (and their </s>) only; the [INST] prompts are masked. False: whole text, as the seed."},
+        metadata={"help": "Loss on the answers (and their end-of-turn token) only; the prompts are masked. False: whole text, as the seed."},
     )
     eval_fraction: float = field(
         default=0.1,
@@ -84,8 +88,10 @@ class Config:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha / r (= 0.5 here)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Linear layers that get LoRA adapters (space-separated on the command line)."},
+        default_factory=lambda: [AUTO],
+        metadata={"help": "Linear layers that get LoRA adapters (space-separated on the command line). auto: the "
+                          "architecture's attention projections from PEFT's table (q_proj v_proj for Llama, Qwen, "
+                          "Gemma, Mistral: the seed's choice), printed at the start of a run."},
     )
     # ---------------------------------------------------------------- 4-bit quantisation (bitsandbytes)
     use_4bit: bool = field(default=True, metadata={"help": "Load the frozen base in 4 bits (QLoRA). False: plain LoRA on a 16/32-bit base."})
@@ -184,6 +190,17 @@ class Config:
         metadata={"help": "Fused Triton kernels (liger-kernel) on a GPU when installed. Off: measured slower with NF4 + "
                           "LoRA here (BENCHMARKS.md), and they recompile for each new sequence length."},
     )
+    # ---------------------------------------------------------------- data format and bad rows (README "Your own data")
+    dataset_format: str = field(
+        default=AUTO,
+        metadata={"help": f"Layout of the rows, one of {DATASET_FORMATS}. auto: detected from the columns, and "
+                          "printed. Each row is written in the model's chat format (its chat template, or Llama-2's)."},
+    )
+    on_bad_rows: str = field(
+        default="error",
+        metadata={"help": f"Rows that cannot be trained on as they are, one of {BAD_ROW_POLICIES}: error stops and lists "
+                          "them; skip drops them and prints how many, why, and their indices."},
+    )
     # ---------------------------------------------------------------- logging, evaluation, checkpoints
     logging_steps: int = field(default=25, metadata={"help": "Print and log the loss every this many optimizer steps."})
     eval_steps: int = field(
@@ -207,7 +224,7 @@ class Config:
         ],
         metadata={"help": "Questions answered by the base and the fine-tuned model side by side in report.md."},
     )
-    system_prompt: str = field(default="", metadata={"help": "Optional Llama-2 <<SYS>> prompt for inference (guanaco has none)."})
+    system_prompt: str = field(default="", metadata={"help": "Optional system prompt for inference, in the model's chat format (guanaco has none)."})
     max_new_tokens: int = field(default=200, metadata={"help": "Longest generated answer, in tokens."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with do_sample)."})
@@ -274,7 +291,11 @@ def validate_config(cfg: Config) -> list[str]:
     check(cfg.lora_r >= 1, f"lora_r={cfg.lora_r} must be >= 1 (e.g. 8, 16, 32, 64)")
     check(cfg.lora_alpha > 0, f"lora_alpha={cfg.lora_alpha} must be > 0 (e.g. 16)")
     check(0 <= cfg.lora_dropout < 1, f"lora_dropout={cfg.lora_dropout} must be in [0, 1) (e.g. 0.1)")
-    check(len(cfg.lora_target_modules) > 0, "lora_target_modules is empty; name at least one layer, e.g. q_proj v_proj")
+    check(len(cfg.lora_target_modules) > 0, "lora_target_modules is empty; name at least one layer, e.g. q_proj v_proj, or auto")
+    check(AUTO not in cfg.lora_target_modules or cfg.lora_target_modules == [AUTO],
+          f"lora_target_modules={cfg.lora_target_modules} mixes 'auto' with layer names; give either auto or the names")
+    check(cfg.dataset_format in DATASET_FORMATS, _choice_error("dataset_format", cfg.dataset_format, DATASET_FORMATS))
+    check(cfg.on_bad_rows in BAD_ROW_POLICIES, _choice_error("on_bad_rows", cfg.on_bad_rows, BAD_ROW_POLICIES))
     check(cfg.bnb_4bit_quant_type in QUANT_TYPES, _choice_error("bnb_4bit_quant_type", cfg.bnb_4bit_quant_type, QUANT_TYPES))
     check(cfg.bnb_4bit_compute_dtype in COMPUTE_DTYPES, _choice_error("bnb_4bit_compute_dtype", cfg.bnb_4bit_compute_dtype, COMPUTE_DTYPES))
     check(cfg.optim in OPTIMIZERS, _choice_error("optim", cfg.optim, OPTIMIZERS))

@@ -23,11 +23,12 @@ quiet_library_noise()
 
 import torch  # noqa: E402
 
+from chat_format import prompt_text  # noqa: E402
 from config import Config, ConfigError, parse_config  # noqa: E402
 from data_preparation import DataError, prepare_datasets  # noqa: E402
 from inference import GenerationSettings, generate, make_generator  # noqa: E402
 from model_setup import (SetupError, add_lora, count_parameters, load_base_model, load_model_config,  # noqa: E402
-                         load_tokenizer, resolve_runtime)
+                         load_tokenizer, resolve_lora_targets, resolve_runtime)
 from performance import PlanError, apply_plan, format_plan, plan_performance  # noqa: E402
 from report import (PhaseClock, build_metrics, compare_answers, eval_seconds, format_held_out,  # noqa: E402
                     format_phases, held_out_metrics, report_is_written, write_report)
@@ -48,8 +49,11 @@ class Interrupted(Exception):
 def train_and_save(cfg: Config, argv: list[str], clock: PhaseClock) -> dict:
     runtime = resolve_runtime(cfg)
     print(f"device: {runtime.reason}")
+    model_config = load_model_config(cfg)
+    cfg, lora_reason = resolve_lora_targets(cfg, model_config)
+    print(f"lora: {lora_reason}")
     start = inspect_output_dir(cfg)  # what to resume or replace; nothing is changed before every check below
-    plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(start.checkpoint))
+    plan = plan_performance(cfg, runtime, model_config, resumed_micro_batch=micro_batch_of(start.checkpoint))
     cfg = apply_plan(cfg, plan)  # from here on, cfg holds the values that run
     print(format_plan(plan))
     try:
@@ -128,7 +132,7 @@ def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
     paths = write_report(cfg.output_dir, metrics, answers, run["adapter"])
     print(f"\n{format_summary(summary)}\n{format_phases(phases)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
-    print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
+    print(f"{prompt_text(run['tokenizer'], [{'role': 'user', 'content': cfg.example_prompt}])}\n{answer}")
     return {**run, "answer": answer, "paths": paths}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from config import TINY_MODEL_NAME, Config
+from config import AUTO, TINY_MODEL_NAME, Config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -118,28 +118,50 @@ def build_bnb_config(cfg: Config, compute_dtype: torch.dtype):
 
 
 def load_tokenizer(cfg: Config):
-    """The tokenizer, padding on the right, with a pad token that is not EOS.
+    """The tokenizer, padding on the right, with a pad token that is neither EOS nor the end of turn.
 
-    If pad == EOS, a collator or generate() that masks padding by id also masks every real </s>:
-    the model never learns to stop. Llama-2 has no pad token, so its <unk> serves (never in text).
+    If pad == EOS, a collator or generate() that masks padding by id also masks every real end of
+    an answer: the model never learns to stop. The chat format is checked here too, so that a
+    tokenizer the pipeline cannot write conversations for fails before anything heavy loads.
     """
     from transformers import AutoTokenizer
+
+    from chat_format import ChatFormatError, chat_style
 
     path = resolve_model_path(cfg.model_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise load_error(cfg.model_name, "tokenizer", exc) from exc
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            raise SetupError(
-                f"the tokenizer of {cfg.model_name!r} has no pad token distinct from EOS and no <unk> to use; "
-                "add a pad token to it (tokenizer.add_special_tokens) before fine-tuning"
-            )
+    try:
+        style = chat_style(tokenizer)
+    except ChatFormatError as exc:
+        raise SetupError(f"the tokenizer of {cfg.model_name!r}: {exc}") from None
+    tokenizer.pad_token = choose_pad_token(tokenizer, {tokenizer.eos_token_id, style.end_of_turn_id, tokenizer.bos_token_id},
+                                           cfg.model_name)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def choose_pad_token(tokenizer, end_ids: set, model_name: str) -> str:
+    """The tokenizer's own pad token if it is not an end (or start) token; else one that never
+    occurs in text and already has an embedding, so no embedding is added or resized:
+    <unk> (Llama-2, Mistral), then a special token named for padding (Llama-3.1's
+    <|finetune_right_pad_id|>), then an unused reserved one (<|reserved_special_token_N|>)."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id not in end_ids:
+        return tokenizer.pad_token
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id not in end_ids:
+        return tokenizer.unk_token
+    special = sorted((token_id, token.content) for token_id, token in tokenizer.added_tokens_decoder.items()
+                     if token.special and token_id not in end_ids)
+    for hint in ("pad", "reserved", "unused"):
+        found = next((content for _, content in special if hint in content.lower()), None)
+        if found is not None:
+            return found
+    raise SetupError(
+        f"the tokenizer of {model_name!r} has no pad token distinct from its end tokens, no <unk> and no unused "
+        "special token to pad with; add a pad token to it (tokenizer.add_special_tokens) before fine-tuning"
+    )
 
 
 def disable_bnb_cpu_repack(model) -> int:
@@ -192,6 +214,29 @@ def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None
         disable_bnb_cpu_repack(model)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
+
+
+def resolve_lora_targets(cfg: Config, model_config) -> tuple[Config, str]:
+    """(cfg with lora_target_modules filled in, why): `auto` becomes the architecture's default.
+
+    The default is PEFT's table of attention projections per model type, the same PEFT applies
+    when no targets are given (which is what the seed did: q_proj and v_proj for Llama).
+    Names the user set are kept as set.
+    """
+    import dataclasses
+
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if cfg.lora_target_modules != [AUTO]:
+        return cfg, f"LoRA on {' '.join(cfg.lora_target_modules)} (as set)"
+    model_type = getattr(model_config, "model_type", None)
+    text_type = getattr(getattr(model_config, "text_config", None), "model_type", None)
+    targets = DEFAULTS.get(model_type) or DEFAULTS.get(text_type)
+    why = f"auto: PEFT's default for model type {model_type!r}"
+    if targets is None:
+        targets = ["q_proj", "v_proj"]
+        why = f"auto: PEFT has no default for model type {model_type!r}; the usual attention names"
+    return dataclasses.replace(cfg, lora_target_modules=list(targets)), f"LoRA on {' '.join(targets)} ({why})"
 
 
 def build_lora_config(cfg: Config):
@@ -249,6 +294,7 @@ def add_lora(model, cfg: Config):
     """Prepare the (4-bit) base for training and wrap it with the LoRA adapter."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    cfg = resolve_lora_targets(cfg, model.config)[0]
     check_target_modules(model, cfg.lora_target_modules, cfg.lora_r)
     if getattr(model, "is_loaded_in_4bit", False):
         # Casts norms/embeddings to fp32 for stable training and wires gradient checkpointing.

@@ -255,8 +255,10 @@ def shape_changes(checkpoint: Path, cfg) -> list[str]:
     if run_config.is_file():
         trained["model_name"] = json.loads(run_config.read_text(encoding="utf-8")).get("model_name")
     now = {"model_name": cfg.model_name, "lora_r": cfg.lora_r, "lora_target_modules": sorted(cfg.lora_target_modules)}
+    if now["lora_target_modules"] == ["auto"]:  # resolved from the same base, so the same layers as the checkpoint's
+        del now["lora_target_modules"]
     return [f"{name}={trained[name]!r} in the checkpoint, {now[name]!r} now" for name in SHAPE_SETTINGS
-            if name in trained and trained[name] != now[name]]
+            if name in trained and name in now and trained[name] != now[name]]
 
 
 # ---------------------------------------------------------------------------- what a new run meets

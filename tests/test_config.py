@@ -14,7 +14,7 @@ def test_defaults_are_the_seed_recipe():
     assert cfg.model_name == "NousResearch/Llama-2-7b-chat-hf"
     assert cfg.dataset_name == "mlabonne/guanaco-llama2-1k"
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (32, 16, 0.1)
-    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora_target_modules == ["auto"]  # the seed set none, so PEFT chose q_proj v_proj for Llama: see below
     assert (cfg.use_4bit, cfg.bnb_4bit_quant_type, cfg.use_nested_quant) == (True, "nf4", False)
     assert cfg.num_train_epochs == 10
     assert (cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_ratio) == (2e-4, "cosine", 0.03)
@@ -37,7 +37,7 @@ def test_tiny_preset_keeps_the_recipe_and_flags_still_win():
     cfg = parse_config(["--preset", "tiny", "--learning_rate", "1e-3"])
     assert cfg.model_name == "tiny-llama" and cfg.dataset_name == "data/sample.jsonl"
     assert cfg.learning_rate == 1e-3  # explicit flag beats the preset
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.bnb_4bit_quant_type) == (32, 16, ["q_proj", "v_proj"], "nf4")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.bnb_4bit_quant_type) == (32, 16, ["auto"], "nf4")
     changed = set(PRESETS["tiny"])
     assert changed <= {"model_name", "dataset_name", "output_dir", "new_model", "num_train_epochs", "learning_rate",
                        "logging_steps", "save_steps", "allow_cpu", "max_new_tokens", "example_prompt",
@@ -122,3 +122,38 @@ def test_two_presets_are_refused():
 def test_a_stray_positional_argument_is_refused():
     with pytest.raises(ConfigError, match=r"unexpected argument\(s\) 'my_rows.jsonl'.*--name value"):
         parse_config(["--preset", "tiny", "my_rows.jsonl"])
+
+
+@pytest.mark.parametrize("model_type, expected", [
+    ("llama", ["q_proj", "v_proj"]),  # the seed's LoRA targets for Llama-2
+    ("qwen3", ["q_proj", "v_proj"]),
+    ("gemma3_text", ["q_proj", "v_proj"]),
+    ("gpt2", ["c_attn"]),
+    ("falcon", ["query_key_value"]),
+])
+def test_auto_lora_targets_follow_the_architecture_and_say_why(model_type, expected):
+    from types import SimpleNamespace
+
+    from model_setup import resolve_lora_targets
+
+    cfg, why = resolve_lora_targets(parse_config([]), SimpleNamespace(model_type=model_type))
+    assert cfg.lora_target_modules == expected
+    assert why == f"LoRA on {' '.join(expected)} (auto: PEFT's default for model type {model_type!r})"
+
+
+def test_lora_targets_set_by_the_user_run_as_set():
+    from types import SimpleNamespace
+
+    from model_setup import resolve_lora_targets
+
+    cfg, why = resolve_lora_targets(parse_config(["--lora_target_modules", "q_proj", "k_proj", "o_proj"]),
+                                    SimpleNamespace(model_type="gpt2"))
+    assert cfg.lora_target_modules == ["q_proj", "k_proj", "o_proj"] and why.endswith("(as set)")
+    with pytest.raises(ConfigError, match=r"mixes 'auto' with layer names"):
+        parse_config(["--lora_target_modules", "auto", "q_proj"])
+
+
+@pytest.mark.parametrize("flag, value", [("--dataset_format", "jsonl"), ("--on_bad_rows", "ignore")])
+def test_data_choices_are_checked(flag, value):
+    with pytest.raises(ConfigError, match=rf"{flag[2:]}='{value}' is not allowed; use one of"):
+        parse_config([flag, value])

@@ -92,10 +92,14 @@ def test_bad_json_line_is_named(tmp_path):
 
 # ---------------------------------------------------------------- checking
 
-def test_missing_text_column(tmp_path):
+def test_unrecognised_columns_name_the_columns_and_the_formats(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "answer": "a"}])
-    with pytest.raises(dp.DataError, match=r"no 'text' column \(columns: \['prompt', 'answer'\]\)"):
+    with pytest.raises(dp.DataError) as err:
         dp.clean_dataset(dp.load_raw_dataset(str(path)))
+    assert "columns ['prompt', 'answer'] match no known format" in str(err.value)
+    for accepted in ("'text'", "'messages'", "'conversations'", "'instruction' + 'output'", "'prompt' + 'completion'",
+                     "--dataset_format"):
+        assert accepted in str(err.value)
 
 
 def test_rows_not_in_chat_format_are_reported_by_index(tmp_path):
@@ -109,7 +113,7 @@ def test_rows_not_in_chat_format_are_reported_by_index(tmp_path):
 def test_empty_rows_are_dropped_and_counted(tmp_path):
     rows = [{"text": ROW}, {"text": ""}, {"text": "   "}, {"text": MULTI}]
     data, report = dp.clean_dataset(dp.load_raw_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows))))
-    assert len(data) == 2 and report.empty_dropped == 2 and "dropped 2 empty" in report.notes[0]
+    assert len(data) == 2 and report.empty_dropped == 2 and "dropped 2 empty row(s)" in report.notes
 
 
 def test_all_rows_empty(tmp_path):
@@ -222,3 +226,212 @@ def test_separate_held_out_file_is_used_whole(tmp_path, tokenizer):
     train_rows, eval_rows = dp.prepare_datasets(cfg, tokenizer, printer=lines.append)
     assert (len(train_rows), len(eval_rows)) == (3, 1)  # eval_fraction is ignored when a file is given
     assert "3 training rows, 1 held-out rows" in lines[-1]
+
+
+# ---------------------------------------------------------------- formats (README "Your own data")
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+                {"role": "assistant", "content": "An apple."}]
+FORMAT_ROWS = {
+    "messages": ({"messages": CONVERSATION}, CONVERSATION),
+    "sharegpt": ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a fruit."},
+                                    {"from": "gpt", "value": "An apple."}]}, CONVERSATION),
+    "alpaca": ({"instruction": "Name a fruit.", "input": "", "output": "An apple."}, CONVERSATION[1:]),
+    "alpaca_input": ({"instruction": "Translate to French.", "input": "An apple.", "output": "Une pomme."},
+                     [{"role": "user", "content": "Translate to French.\nAn apple."},
+                      {"role": "assistant", "content": "Une pomme."}]),
+    "prompt_completion": ({"prompt": "Name a fruit.", "completion": "An apple."}, CONVERSATION[1:]),
+    "prompt_completion_messages": ({"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:]}, CONVERSATION),
+}
+FORMAT_LINES = {"messages": "conversational 'messages'", "sharegpt": "ShareGPT 'conversations'",
+                "alpaca": "Alpaca 'instruction'/'input'/'output'", "prompt_completion": "'prompt'/'completion'"}
+
+
+@pytest.mark.parametrize("kind", FORMAT_ROWS)
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_every_format_becomes_the_same_conversation(tmp_path, kind, suffix):
+    from datasets import Dataset
+
+    row, expected = FORMAT_ROWS[kind]
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, [row, row])
+    else:
+        Dataset.from_list([row, row]).to_parquet(str(path))
+    data, report = dp.clean_dataset(dp.load_raw_dataset(str(path)))
+    assert list(data["messages"]) == [expected, expected]
+    assert report.notes[0] == f"2 rows in {FORMAT_LINES[kind.split('_input')[0].replace('_messages', '')]} format (detected from the columns)"
+
+
+def test_conversations_load_from_csv_with_json_cells(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("id,messages\n7," + json.dumps(json.dumps(CONVERSATION)).replace('\\"', '""') + "\n", encoding="utf-8")
+    data, report = dp.clean_dataset(dp.load_raw_dataset(str(path)))
+    assert list(data["messages"]) == [CONVERSATION] and "ignored columns: id" in report.notes[0]
+
+
+def test_text_rows_and_conversations_in_one_file_are_mixed(tmp_path):
+    """Rows with different keys: all columns are seen (not only the first row's), and the mix is refused."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ROW}, {"messages": CONVERSATION}])
+    with pytest.raises(dp.DataError, match=r"columns \['text', 'messages'\] match several formats at once \(text, messages\)"):
+        dp.clean_dataset(dp.load_raw_dataset(str(path)))
+
+
+def test_dataset_format_forces_one_format_and_says_so(tmp_path):
+    rows = [{"instruction": "Name a fruit.", "input": "", "output": "An apple.", "text": "### Instruction: ..."}]
+    path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    with pytest.raises(dp.DataError, match=r"match several formats at once \(text, alpaca\)"):
+        dp.clean_dataset(dp.load_raw_dataset(str(path)))
+    data, report = dp.clean_dataset(dp.load_raw_dataset(str(path)), dataset_format="alpaca")
+    assert list(data["messages"]) == [CONVERSATION[1:]]
+    assert report.notes[0] == "1 rows in Alpaca 'instruction'/'input'/'output' format (forced by dataset_format; ignored columns: text)"
+    with pytest.raises(dp.DataError, match=r"dataset_format='messages' needs the column\(s\) \['messages'\]"):
+        dp.clean_dataset(dp.load_raw_dataset(str(path)), dataset_format="messages")
+
+
+@pytest.mark.parametrize("row, why", [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "message 0 (the last) is a user message with no answer"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "message 0: expected a user message"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]}, "message 1 is an empty answer"),
+    ({"messages": "not json"}, "'messages' is text that is not a JSON list of messages"),
+    ({"conversations": [{"from": "bing", "value": "Hi"}]}, "message 0: 'from' is 'bing'; use one of system, human, user, gpt"),
+    ({"instruction": "Hi", "output": ["a", "b"]}, "'output' holds a list, not text"),
+])
+def test_bad_conversations_are_listed_by_row(tmp_path, row, why):
+    with pytest.raises(dp.DataError) as err:
+        dp.clean_dataset(dp.load_raw_dataset(str(write_jsonl(tmp_path / "d.jsonl", [row, row]))))
+    assert "2 of 2 rows are not usable" in str(err.value) and f"row 1: {why}" in str(err.value)
+    assert "--on_bad_rows skip" in str(err.value)
+
+
+# ---------------------------------------------------------------- answers that would silently change the target
+
+@pytest.mark.parametrize("text, why", [
+    ("<s>[INST] Say it [/INST] Use </s> to end a strikethrough. </s>", "a literal </s> inside answer 1 would end it there"),
+    ("<s>[INST] Hi [/INST] Hello </s><s>[INST] Quote me [/INST] He said [INST] stop [/INST] and left. </s>",
+     "an [INST] inside answer 2"),
+    ("<s>[INST] Hi [/INST] Hello [INST] more [/INST] there </s>", "an [INST] inside answer 1"),
+    ("<s>[INST] Strike [/INST] Write <s>old</s> new. </s>", "a literal"),
+])
+def test_markers_inside_an_answer_are_reported_by_row(tmp_path, text, why):
+    rows = [{"text": ROW}, {"text": text}, {"text": MULTI}]
+    with pytest.raises(dp.DataError) as err:
+        dp.clean_dataset(dp.load_raw_dataset(str(write_jsonl(tmp_path / "d.jsonl", rows))))
+    assert "1 of 3 rows are not in the Llama-2 chat format" in str(err.value) and f"row 1: {why}" in str(err.value)
+
+
+def test_skip_drops_bad_rows_and_lists_them(tmp_path, tokenizer):
+    from config import parse_config
+
+    rows = [{"text": ROW}, {"text": "<s>[INST] Say it [/INST] Use </s> here. </s>"}, {"text": MULTI},
+            {"text": "no chat format at all"}, {"text": ""}, {"text": SYSTEM}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = parse_config(["--preset", "tiny", "--dataset_name", str(path), "--on_bad_rows", "skip", "--eval_fraction", "0"])
+    lines = []
+    train, _ = dp.prepare_datasets(cfg, tokenizer, printer=lines.append)
+    report = "\n".join(lines)
+    assert len(train) == 3
+    assert "dropped 2 of 6 rows that cannot be trained on as they are (--on_bad_rows skip):" in report
+    assert "  row 1: a literal </s> inside answer 1" in report and "  row 3: no [INST] ... [/INST] pair" in report
+    assert "dropped 1 empty row(s)" in report
+
+
+def test_truncated_answers_are_counted_with_their_rows(tmp_path, tokenizer):
+    from config import parse_config
+
+    long_question = "<s>[INST] " + "Tell me more about this. " * 40 + "[/INST] Sure. </s>"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ROW}, {"text": long_question}, {"text": SYSTEM}])
+    cfg = parse_config(["--preset", "tiny", "--dataset_name", str(path), "--max_seq_length", "64", "--eval_fraction", "0"])
+    lines = []
+    train, _ = dp.prepare_datasets(cfg, tokenizer, printer=lines.append)
+    assert len(train) == 2
+    assert any(line.startswith("data: dropped 1 of 3 rows whose answer starts beyond max_seq_length=64:\n  row 1: its "
+                               "answer starts at token") for line in lines)
+
+
+# ---------------------------------------------------------------- files that cannot be read as they are
+
+def test_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    path = write_jsonl(tmp_path / "secret.jsonl", [{"text": ROW}])
+    real_read_bytes = Path.read_bytes
+
+    def denied(self):  # the suite runs as root, where chmod 000 would not stop the read
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(dp.DataError, match=rf"cannot read {path}: permission denied; make it readable"):
+        dp.load_raw_dataset(str(path))
+
+
+def test_text_column_holding_lists_in_some_rows(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ROW}, {"text": ["a", "b"]}, {"text": MULTI}])
+    with pytest.raises(dp.DataError, match=r"column 'text' holds text in row\(s\) 0, 2; a list in row\(s\) 1; every row's "
+                                           r"'text' must be the same kind of value"):
+        dp.load_raw_dataset(str(path))
+
+
+def test_text_column_holding_lists_in_every_row(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ["a"]}, {"text": ["b"]}])
+    with pytest.raises(dp.DataError, match=r"2 of 2 rows .*\n  row 0: 'text' holds a list, not text"):
+        dp.clean_dataset(dp.load_raw_dataset(str(path)))
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_empty_file_says_the_file_is_empty(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(dp.DataError, match=r"empty.jsonl (is empty \(0 bytes\)|holds no rows \(the file is empty\))"):
+        dp.load_raw_dataset(str(path))
+
+
+def test_missing_eval_dataset_names_eval_dataset(tmp_path, tokenizer):
+    from config import parse_config
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": ROW}, {"text": MULTI}])
+    cfg = parse_config(["--preset", "tiny", "--dataset_name", str(train), "--eval_dataset", str(tmp_path / "nope.jsonl")])
+    with pytest.raises(dp.DataError, match=r"nope.jsonl' does not exist .*; check the path in eval_dataset$"):
+        dp.prepare_datasets(cfg, tokenizer, printer=lambda line: None)
+
+
+def test_max_length_suggestion_fits(tokenizer):
+    """Every prompt is longer than the default 256 tokens: the hint must name a value that fits, not 256."""
+    from datasets import Dataset
+
+    long_rows = [cleaned(f"<s>[INST] {'Tell me more about this, please. ' * n} [/INST] Sure. </s>") for n in (50, 60)]
+    data = Dataset.from_dict({"text": long_rows})
+    with pytest.raises(dp.DataError) as err:
+        dp.tokenize_dataset(data, tokenizer, 256, True)
+    assert "max_seq_length=256 leaves no answer token in any row" in str(err.value)
+    suggested = int(str(err.value).split("--max_seq_length ")[1].split()[0])
+    assert suggested > 256
+    rows, _ = dp.tokenize_dataset(data, tokenizer, suggested, True)
+    assert len(rows) == 2 and all(any(label != -100 for label in row["labels"]) for row in rows)
+
+
+def test_readme_format_examples_train(tmp_path, tokenizer):
+    """Each two-row example of README "Your own data" loads, is detected as its format, and tokenizes."""
+    import re
+
+    readme = (PROJECT_DIR / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"\(`--dataset_format (\w+)`\).*?```json\n(.*?)```", section, flags=re.S)
+    assert sorted(name for name, _ in examples) == ["alpaca", "messages", "prompt_completion", "sharegpt", "text"]
+    examples.append(("prompt_completion", section.split("TRL's conversational form")[1].split("```json\n")[1].split("```")[0]))
+    for name, block in examples:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(block, encoding="utf-8")
+        data, report = dp.clean_dataset(dp.load_raw_dataset(str(path)), tokenizer=tokenizer)
+        assert report.format == name and len(data) == 2, name
+        rows, truncated = dp.tokenize_dataset(data, tokenizer, 256, True)
+        assert len(rows) == 2 and not truncated
+
+
+def test_skip_with_every_row_bad_says_what_was_wrong(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "no format"}, {"text": "[INST] a [/INST] b </s> c"}])
+    with pytest.raises(dp.DataError, match=r"no row of the dataset is left to train on: 2 were dropped as bad "
+                                           r"\(--on_bad_rows skip\) and 0 were empty; the first bad one, row 0: no \[INST\]"):
+        dp.clean_dataset(dp.load_raw_dataset(str(path)), on_bad_rows="skip")
