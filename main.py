@@ -19,14 +19,14 @@ import torch
 
 from config import Config, ConfigError, parse_config
 from data_preparation import DataError, prepare_datasets
-from inference import GenerationSettings, generate, make_generator
+from inference import GenerationSettings, InferenceError, answer
 from model_setup import SetupError, add_lora, load_base_model, load_model_config, load_tokenizer, resolve_runtime
 from performance import apply_plan, plan_performance
 from report import build_metrics, compare_answers, eval_seconds, format_held_out, held_out_metrics, write_report
 from training import (StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
                       free_memory, micro_batch_of, out_of_memory_message, prepare_output_dir, run_training, save_adapter)
 
-USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, InferenceError)
 
 
 class Interrupted(Exception):
@@ -71,16 +71,15 @@ def evaluate_and_report(cfg: Config, run: dict) -> dict:
     free_memory()  # as the seed: give cached GPU memory back before generating
     trainer, summary = run["trainer"], run["summary"]
     settings = GenerationSettings.from_config(cfg)
-    generator = make_generator(trainer.model, run["tokenizer"])
-    answer = generate(generator, cfg.example_prompt, settings)
-    answers = compare_answers(trainer.model, generator, cfg.report_prompts, settings, generate)
+    answer_text = answer(trainer.model, run["tokenizer"], cfg.example_prompt, settings).text
+    answers = compare_answers(trainer.model, run["tokenizer"], cfg.report_prompts, settings)
     metrics = build_metrics(cfg, summary, run["before"], run["after"], trainer.state.log_history,
                             eval_seconds(trainer.state.log_history))
     paths = write_report(cfg.output_dir, metrics, answers)
     print(f"\n{format_summary(summary)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
-    print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
-    return {**run, "answer": answer, "paths": paths}
+    print(f"[INST] {cfg.example_prompt} [/INST]\n{answer_text}")
+    return {**run, "answer": answer_text, "paths": paths}
 
 
 def run(argv: list[str] | None = None) -> dict:
