@@ -253,6 +253,10 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def human_size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def load_base(cfg: Config, runtime, quantized: bool, cache_root: Path | None, say=print):
     """The base as training saw it (4-bit), loaded from the saved 4-bit copy when there is one.
 
@@ -265,7 +269,7 @@ def load_base(cfg: Config, runtime, quantized: bool, cache_root: Path | None, sa
     start = time.perf_counter()
     if (copy / "config.json").is_file():
         model = load_base_model(cfg, runtime, saved_4bit=str(copy))
-        say(f"base: 4-bit copy loaded from {copy} ({folder_bytes(copy) / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
+        say(f"base: 4-bit copy loaded from {copy} ({human_size(folder_bytes(copy))}) in {time.perf_counter() - start:.1f} s")
         return model
     model = load_base_model(cfg, runtime)
     quantise_s = time.perf_counter() - start
@@ -274,7 +278,7 @@ def load_base(cfg: Config, runtime, quantized: bool, cache_root: Path | None, sa
         model.save_pretrained(staging, safe_serialization=True)
         os.replace(staging, copy)
         say(f"base: quantised to 4 bits at load ({quantise_s:.1f} s); saved to {copy} "
-            f"({folder_bytes(copy) / 2**30:.2f} GiB) so that later loads skip it")
+            f"({human_size(folder_bytes(copy))}) so that later loads skip it")
     except OSError as exc:  # a full or read-only disk costs only the speed-up
         shutil.rmtree(staging, ignore_errors=True)
         say(f"base: quantised to 4 bits at load ({quantise_s:.1f} s); could not save the 4-bit copy to {copy} ({exc}); "
@@ -320,8 +324,8 @@ def plan_decoding(dequantize: str, compile_: str, quantized: bool, is_cuda: bool
     else:
         need = n_weights * dtype_bytes
         deq = need * 4 / 3 < free_bytes
-        reasons.append(f"dequantise {'yes' if deq else 'no'} (auto: {need / 2**30:.1f} GiB needed, "
-                       f"{free_bytes / 2**30:.1f} GiB free)")
+        reasons.append(f"dequantise {'yes' if deq else 'no'} (auto: {human_size(need)} more needed, "
+                       f"{human_size(free_bytes)} free)")
     compilable = deq or not quantized
     if compile_ == "yes" and not compilable:
         raise InferenceError("--compile yes needs --dequantize yes (or --no_4bit): bitsandbytes 4-bit layers do not compile")
@@ -521,8 +525,15 @@ def run(args: InferenceArgs, prompt: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from data_preparation import DataError
 
+    # Library chatter the user cannot act on (deprecation renames, "modules are dequantized in ...").
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    hf_logging.set_verbosity_error()
     try:
         args, prompt = parse_args(argv)
         return run(args, prompt)
