@@ -23,9 +23,9 @@ import torch
 from inference import InferenceError
 
 # The Llama-2 chat format of chat_format.llama2_text, as a Jinja chat template (llama.cpp and Ollama
-# render it). write_gguf checks that it gives chat_format.prompt_ids' tokens before writing it.
+# render it). No leading BOS: llama.cpp adds it when it tokenizes the rendered text (add_bos_token),
+# as prompt_ids' tokenizer call does. write_gguf checks that it gives prompt_ids' tokens before writing it.
 LLAMA2_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
     "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
     "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
     "{% for m in turns %}"
@@ -106,7 +106,11 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[float], list
 
 
 def chat_template(tokenizer) -> str | None:
-    """The tokenizer's own template, else the Llama-2 one, whichever gives chat_format.prompt_ids' tokens."""
+    """The tokenizer's own template, else the Llama-2 one, whichever gives chat_format.prompt_ids' tokens.
+
+    A Hugging Face template that writes the BOS itself fails this check on purpose: llama.cpp adds one
+    more, and the model would see two.
+    """
     from chat_format import prompt_ids
 
     expected = prompt_ids(tokenizer, SAMPLE_CONVERSATION)
@@ -122,7 +126,7 @@ def rendered_ids(tokenizer, template: str) -> list[int] | None:
                                              add_generation_prompt=False)
     except Exception:  # a template that fails to render is simply not the training format
         return None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])  # the BOS added as llama.cpp adds it
 
 
 def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str = "", say=print) -> Path:

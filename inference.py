@@ -85,7 +85,7 @@ class InferenceArgs:
     output: str = field(default="", metadata={"help": "with --input: the answers, one JSON line per input line (an interrupted run resumes)"})
     batch_size: int = field(default=0, metadata={"help": "rows generated together with --input (0 = auto: 32 on a GPU, 8 on a CPU)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "longest answer in tokens (default: the adapter's run_config)"})
-    do_sample: bool | None = field(default=None, metadata={"help": "sample instead of greedy decoding (default: the adapter's run_config)"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding (greedy unless given)"})
     temperature: float | None = field(default=None, metadata={"help": "sampling temperature, > 0 (with --do_sample)"})
     top_p: float | None = field(default=None, metadata={"help": "nucleus sampling mass, in (0, 1] (with --do_sample)"})
     system_prompt: str | None = field(default=None, metadata={"help": "Llama-2 <<SYS>> prompt (default: the adapter's run_config)"})
@@ -178,11 +178,14 @@ def unknown_flags(argv: list[str], parser) -> list[str]:
 
 
 def settings_from(args: InferenceArgs, cfg: Config) -> GenerationSettings:
-    """The generation settings: each flag given wins, the rest come from the adapter's run_config."""
+    """The generation settings: each flag given wins, the rest come from the adapter's run_config.
+
+    Sampling is the exception: greedy unless --do_sample is given, whatever the run used.
+    """
     stored = GenerationSettings.from_config(cfg)
-    given = {name: getattr(args, name) for name in ("max_new_tokens", "do_sample", "temperature", "top_p", "system_prompt")
+    given = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "system_prompt")
              if getattr(args, name) is not None}
-    return dataclasses.replace(stored, **given).check()
+    return dataclasses.replace(stored, do_sample=args.do_sample, **given).check()
 
 
 # ---------------------------------------------------------------------------- the adapter and its base

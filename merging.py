@@ -35,7 +35,7 @@ def merged_model(adapter: Path, cfg, merge_base: str, dtype_name: str):
     dtype = DTYPES[dtype_name]
     if merge_base == "dequantized":
         # The same 4-bit quantisation as training (settings from run_config), on the same kind of device.
-        base = load_base_model(cfg, resolve_runtime(cfg), quantized=True).dequantize(dtype)
+        base = load_base_model(cfg, resolve_runtime(cfg), quantized=True).dequantize(dtype).to(dtype)
     else:
         # Merging into 4-bit weights would round the sum back to 4 bits: the original weights are reloaded.
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model_name), dtype=dtype, use_safetensors=True,
