@@ -279,6 +279,25 @@ def _choice_error(name: str, value, allowed) -> str:
     return f"{name}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}"
 
 
+def generation_problems(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> list[str]:
+    """Every problem with a set of generation settings, as readable lines (empty list = valid).
+
+    The one check of these settings: validate_config (main.py) and inference.py both call it, so a
+    value one entry point accepts the other accepts too.
+    """
+    problems = []
+    if not max_new_tokens >= 1:
+        problems.append(f"max_new_tokens={max_new_tokens} must be >= 1 (e.g. 200)")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        problems.append(f"temperature={temperature} must be a finite number > 0 (e.g. 0.7)")
+    elif do_sample and temperature == 0:
+        problems.append("temperature=0 with do_sample: sampling needs temperature > 0 (e.g. 0.7); for the single "
+                        "most likely answer drop do_sample instead (greedy decoding is the default)")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        problems.append(f"top_p={top_p} must be in (0, 1]: the share of probability mass sampled from (e.g. 0.9; 1 = all)")
+    return problems
+
+
 def validate_config(cfg: Config) -> list[str]:
     """Return every problem with `cfg` as a readable line (empty list = valid)."""
     problems = []
@@ -322,9 +341,7 @@ def validate_config(cfg: Config) -> list[str]:
     check(cfg.eval_steps >= 0, f"eval_steps={cfg.eval_steps} must be >= 0 (0 = once per epoch)")
     check(cfg.save_steps >= 0, f"save_steps={cfg.save_steps} must be >= 0 (0 = no checkpoints)")
     check(cfg.save_total_limit >= 1, f"save_total_limit={cfg.save_total_limit} must be >= 1")
-    check(cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1")
-    check(cfg.temperature > 0, f"temperature={cfg.temperature} must be > 0")
-    check(0 < cfg.top_p <= 1, f"top_p={cfg.top_p} must be in (0, 1]")
+    problems += generation_problems(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p)
     check(bool(cfg.model_name.strip()), "model_name is empty; give a hub id or a local folder")
     check(bool(cfg.dataset_name.strip()), "dataset_name is empty; give a hub id or a local file")
     check(bool(cfg.output_dir.strip()), "output_dir is empty; give the folder for the run's files, e.g. --output_dir results")

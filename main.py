@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from chat_format import prompt_text  # noqa: E402
 from config import Config, ConfigError, parse_config  # noqa: E402
 from data_preparation import DataError, prepare_datasets  # noqa: E402
-from inference import GenerationSettings, generate, make_generator  # noqa: E402
+from inference import GenerationSettings, InferenceError, answer  # noqa: E402
 from model_setup import (SetupError, add_lora, count_parameters, load_base_model, load_model_config,  # noqa: E402
                          load_tokenizer, resolve_lora_targets, resolve_runtime)
 from performance import PlanError, apply_plan, format_plan, plan_performance  # noqa: E402
@@ -37,7 +37,7 @@ from training import (CheckpointBookkeeping, OutOfMemory, SaveFailed, StopOnSign
                       build_trainer, check_steps, format_parameter_counts, format_summary, free_memory,
                       micro_batch_of, out_of_memory_message, processes, run_training, save_or_keep_adapter)
 
-USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, OutputDirError, PlanError)
+USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, OutputDirError, PlanError, InferenceError)
 
 
 class Interrupted(Exception):
@@ -123,17 +123,16 @@ def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
     free_memory()  # as the seed: give cached GPU memory back before generating
     settings = GenerationSettings.from_config(cfg)
     with clock.phase("generation"):
-        generator = make_generator(trainer.model, run["tokenizer"])
-        answer = generate(generator, cfg.example_prompt, settings)
-        answers = compare_answers(trainer.model, generator, cfg.report_prompts, settings, generate)
+        answer_text = answer(trainer.model, run["tokenizer"], cfg.example_prompt, settings).text
+        answers = compare_answers(trainer.model, run["tokenizer"], cfg.report_prompts, settings)
     phases = clock.split(eval_seconds(trainer.state.log_history))
     metrics = build_metrics(cfg, summary, run["before"], run["after"], trainer.state.log_history,
                             eval_seconds(trainer.state.log_history), phases)
     paths = write_report(cfg.output_dir, metrics, answers, run["adapter"])
     print(f"\n{format_summary(summary)}\n{format_phases(phases)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
-    print(f"{prompt_text(run['tokenizer'], [{'role': 'user', 'content': cfg.example_prompt}])}\n{answer}")
-    return {**run, "answer": answer, "paths": paths}
+    print(f"{prompt_text(run['tokenizer'], [{'role': 'user', 'content': cfg.example_prompt}])}\n{answer_text}")
+    return {**run, "answer": answer_text, "paths": paths}
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -195,16 +195,20 @@ def _placement(runtime: Runtime):
     return {"": runtime.device} if runtime.is_cuda else None
 
 
-def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None):
-    """The frozen base model: 4-bit NF4 via bitsandbytes (default), or unquantised in compute dtype."""
+def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None, saved_4bit: str | None = None):
+    """The frozen base model: 4-bit NF4 via bitsandbytes (default), or unquantised in compute dtype.
+
+    saved_4bit: a folder where this base was saved already quantised (inference.load_base); its
+    4-bit weights load as they are, with the quantisation settings recorded in its config.json.
+    """
     from transformers import AutoModelForCausalLM
 
     quantized = cfg.use_4bit if quantized is None else quantized
     configure_attention(cfg, runtime)
     kwargs = dict(dtype=runtime.compute_dtype, device_map=_placement(runtime), trust_remote_code=cfg.trust_remote_code)
-    if quantized:
+    if quantized and saved_4bit is None:
         kwargs["quantization_config"] = build_bnb_config(cfg, runtime.compute_dtype)
-    path = resolve_model_path(cfg.model_name)
+    path = saved_4bit or resolve_model_path(cfg.model_name)
     # use_safetensors: weights never come from pickles, which can run code when loaded.
     try:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)

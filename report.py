@@ -186,12 +186,19 @@ def _cell(text: str) -> str:
     return (text or "*(empty)*").replace("|", "\\|").replace("\n", "<br>")
 
 
-def compare_answers(model, generator, prompts: list[str], settings, generate) -> list[dict]:
-    """The same prompts answered with the adapter off (base) and on (fine-tuned)."""
-    tuned = [generate(generator, p, settings) for p in prompts]
+def compare_answers(model, tokenizer, prompts: list[str], settings) -> list[dict]:
+    """The same prompts answered with the adapter off (base) and on (fine-tuned), each side in one batch.
+
+    Through inference.answer_many: the prompts are built by chat_format as training saw them, and a
+    batch gives each row the answer it gets alone (tests check it).
+    """
+    from inference import answer_many, conversation
+
+    questions = [conversation(p, settings.system_prompt) for p in prompts]
+    tuned = answer_many(model, tokenizer, questions, settings, batch_size=len(prompts))
     with model.disable_adapter():
-        base = [generate(generator, p, settings) for p in prompts]
-    return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base, tuned)]
+        base = answer_many(model, tokenizer, questions, settings, batch_size=len(prompts))
+    return [{"prompt": p, "base": b.text, "tuned": t.text} for p, b, t in zip(prompts, base, tuned)]
 
 
 def render_model_card(metrics: dict, adapter_name: str) -> str:

@@ -1,7 +1,6 @@
-"""inference.py: the prompt format, the adapter checks, and the command line."""
+"""inference.py: prompts as training saw them, exact fast paths, batches, the 4-bit copy, settings and errors."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -9,10 +8,16 @@ import pytest
 import torch
 
 import data_preparation as dp
+from chat_format import prompt_ids, stop_token_ids
+from config import ConfigError, parse_config
 from conftest import PROJECT_DIR
-from inference import InferenceError, GenerationSettings, generate, load_for_inference, make_generator, read_adapter_config
+from inference import (DecodingPlan, GenerationSettings, InferenceError, answer, answer_many, conversation, load_for_inference,
+                       main, plan_decoding, read_adapter_config)
 from model_setup import add_lora, load_base_model, load_tokenizer, resolve_runtime
 from training import save_adapter
+
+QUESTIONS = ["What is the chemical symbol for gold?", "How many continents are there on Earth?", "Hi",
+             "What is a large language model?", "Explain in a few words, please, what a prime number is."]
 
 
 @pytest.fixture
@@ -24,29 +29,201 @@ def untrained_adapter(make_config):
     return save_adapter(model, tokenizer, cfg), model, tokenizer, cfg
 
 
-def test_pipeline_feeds_exactly_the_training_prefix(untrained_adapter, monkeypatch):
-    """What the text-generation pipeline gives the model == the prompt tokens training saw (one BOS)."""
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+    """The tiny run's adapter on its 4-bit base, decoded plainly: (model, tokenizer, adapter folder)."""
+    adapter = tiny_run[0] / "tiny-llama-finetune"
+    model, tokenizer, _, _ = load_for_inference(adapter, dequantize="no", compile_="no")
+    return model, tokenizer, adapter
+
+
+def plain_generate(model, tokenizer, question: str, max_new_tokens: int) -> list[int]:
+    """The reference: transformers' generate on one unpadded prompt, greedy, cut after the stop token."""
+    ids = prompt_ids(tokenizer, conversation(question))
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer),
+                             temperature=None, top_p=None, top_k=None)[0, len(ids):].tolist()
+    stops = set(stop_token_ids(tokenizer))
+    end = next((i for i, t in enumerate(out) if t in stops), len(out))
+    return out[:end]
+
+
+def test_prompt_is_exactly_the_training_prefix(untrained_adapter, monkeypatch):
+    """What generate() is given == the prompt tokens training saw (one BOS), through chat_format."""
     _, model, tokenizer, _ = untrained_adapter
-    seen = {}
+    seen = []
     real_generate = model.generate
 
     def spy(*args, **kwargs):
-        seen["ids"] = kwargs["input_ids"][0].tolist()
+        seen.append(kwargs["input_ids"][0].tolist())
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
-    generate(make_generator(model, tokenizer), "Who wrote Hamlet?", GenerationSettings(max_new_tokens=2))
+    answer(model, tokenizer, "Who wrote Hamlet?", GenerationSettings(max_new_tokens=2))
     row = dp.tokenize_text("[INST] Who wrote Hamlet? [/INST] William Shakespeare. </s>", tokenizer, 256, True)
-    assert seen["ids"] == row["input_ids"][:len(seen["ids"])]
-    assert seen["ids"].count(tokenizer.bos_token_id) == 1
-    assert tokenizer.decode(seen["ids"][-3:]).endswith("[/INST]")
+    assert seen[0] == row["input_ids"][:len(seen[0])]
+    assert seen[0].count(tokenizer.bos_token_id) == 1
+    assert row["labels"][len(seen[0])] != -100  # the next token is the answer's first
 
 
-def test_greedy_generation_is_deterministic(untrained_adapter):
+def test_answers_are_plain_generate_tokens(trained):
+    model, tokenizer, _ = trained
+    settings = GenerationSettings(max_new_tokens=32)
+    for question in QUESTIONS:
+        assert answer(model, tokenizer, question, settings).token_ids == plain_generate(model, tokenizer, question, 32), question
+
+
+def test_batch_equals_one_by_one(trained):
+    """Left-padded batches give every row the tokens it gets alone (prompts of different lengths)."""
+    model, tokenizer, _ = trained
+    settings = GenerationSettings(max_new_tokens=40)
+    conversations = [conversation(q) for q in QUESTIONS]
+    assert len({len(prompt_ids(tokenizer, c)) for c in conversations}) > 1  # so the batch really pads
+    together = answer_many(model, tokenizer, conversations, settings, batch_size=len(QUESTIONS))
+    alone = [answer_many(model, tokenizer, [c], settings, batch_size=1)[0] for c in conversations]
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+    assert [a.stop_reason for a in together] == [a.stop_reason for a in alone]
+    assert any(a.stop_reason == "stop" for a in together)
+
+
+def test_padded_rows_get_their_own_positions_and_mask(trained, monkeypatch):
+    """The batch's prefill: padding is masked out and each row's positions start at 0 on its first real token."""
+    model, tokenizer, _ = trained
+    calls = []
+    llama = model.get_base_model().model
+    handle = llama.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    try:
+        answer_many(model, tokenizer, [conversation("Hi"), conversation(QUESTIONS[-1])], GenerationSettings(max_new_tokens=2),
+                    batch_size=2)
+    finally:
+        handle.remove()
+    prefill = calls[0]
+    mask, positions = prefill["attention_mask"], prefill["position_ids"]
+    short = len(prompt_ids(tokenizer, conversation("Hi")))
+    pad = mask.shape[1] - short
+    assert pad > 0 and mask[0, :pad].sum() == 0 and mask[0, pad:].all() and mask[1].all()
+    assert positions[0, pad:].tolist() == list(range(short))
+    assert positions[1].tolist() == list(range(mask.shape[1]))
+
+
+@pytest.fixture(scope="module")
+def dequantized(trained):
+    model, tokenizer, _, plan = load_for_inference(trained[2], dequantize="yes", compile_="no")
+    assert plan.dequantize and not any("4bit" in type(m).__name__ for m in model.modules())
+    return model, tokenizer
+
+
+def test_dequantized_weights_give_plain_generate_tokens(trained, dequantized):
+    model, tokenizer = dequantized
+    settings = GenerationSettings(max_new_tokens=32)
+    for question in QUESTIONS:
+        assert answer(model, tokenizer, question, settings).token_ids == plain_generate(trained[0], trained[1], question, 32)
+
+
+def test_compiled_static_cache_gives_plain_generate_tokens(trained, dequantized):
+    """The GPU fast path (static KV cache + torch.compile), compiled here on the CPU: the same greedy tokens."""
+    model, tokenizer = dequantized
+    plan = DecodingPlan(dequantize=True, compile=True, reason="test")
+    settings = GenerationSettings(max_new_tokens=32)
+    conversations = [conversation(q) for q in QUESTIONS[:3]]
+    compiled = answer_many(model, tokenizer, conversations, settings, plan, batch_size=3)
+    assert [a.token_ids for a in compiled] == [plain_generate(trained[0], trained[1], q, 32) for q in QUESTIONS[:3]]
+
+
+@pytest.mark.parametrize("dequantize, compile_, free_gib, many, expected", [
+    ("auto", "auto", 100, True, (True, True)),     # a GPU with room, a file of prompts
+    ("auto", "auto", 100, False, (True, False)),   # a chat: compiling would cost more than it saves
+    ("auto", "auto", 10, True, (False, False)),    # no room for 13.5 GB of dequantised weights; 4-bit does not compile
+    ("no", "auto", 100, True, (False, False)),     # the user's no wins
+    ("yes", "no", 10, True, (True, False)),        # the user's yes wins, even where auto would not
+])
+def test_decoding_plan(dequantize, compile_, free_gib, many, expected):
+    plan = plan_decoding(dequantize, compile_, quantized=True, is_cuda=True, n_weights=6_700_000_000, dtype_bytes=2,
+                         free_bytes=free_gib * 2**30, many_rows=many)
+    assert (plan.dequantize, plan.compile) == expected
+    assert ("as asked" in plan.reason) == (dequantize != "auto")
+
+
+def test_compile_needs_compilable_weights():
+    with pytest.raises(InferenceError, match=r"--compile yes needs --dequantize yes"):
+        plan_decoding("no", "yes", quantized=True, is_cuda=True, n_weights=1, dtype_bytes=2, free_bytes=2**40, many_rows=True)
+
+
+def test_4bit_copy_skips_quantising_and_loads_the_same_weights(untrained_adapter, tmp_path):
+    adapter, cache = untrained_adapter[0], tmp_path / "cache"
+    notes = []
+    first, tokenizer, _, _ = load_for_inference(adapter, dequantize="no", cache_root=cache, say=notes.append)
+    second, _, _, _ = load_for_inference(adapter, dequantize="no", cache_root=cache, say=notes.append)
+    assert "quantised to 4 bits at load" in notes[0] and "saved to" in notes[0]
+    assert "4-bit copy loaded from" in notes[1]
+    assert len(list(cache.iterdir())) == 1
+    assert any("4bit" in type(m).__name__ for m in second.modules())
+    ids = torch.tensor([prompt_ids(tokenizer, conversation("What is gold?"))])
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids).logits, second(input_ids=ids).logits)
+
+
+def test_other_quantisation_settings_get_another_4bit_copy(make_config, tmp_path):
+    from inference import base_fingerprint
+
+    nf4, fp4 = make_config(), make_config("--bnb_4bit_quant_type", "fp4")
+    assert base_fingerprint(nf4, torch.float32) != base_fingerprint(fp4, torch.float32)
+    assert base_fingerprint(nf4, torch.float32) != base_fingerprint(nf4, torch.bfloat16)
+    assert base_fingerprint(nf4, torch.float32) == base_fingerprint(make_config(), torch.float32)
+
+
+# ---------------------------------------------------------------------------- settings and errors
+
+def test_generation_settings_are_checked_in_one_place():
+    """main.py's config and inference.py refuse the same values with the same words."""
+    with pytest.raises(ConfigError) as from_config:
+        parse_config(["--top_p", "2"])
+    with pytest.raises(InferenceError) as from_inference:
+        GenerationSettings(top_p=2.0).check()
+    line = "top_p=2.0 must be in (0, 1]"
+    assert line in str(from_config.value) and line in str(from_inference.value)
+    with pytest.raises(InferenceError, match=r"temperature=0 with do_sample.*drop do_sample"):
+        GenerationSettings(do_sample=True, temperature=0.0).check()
+    GenerationSettings(do_sample=False, temperature=0.0).check()  # greedy ignores the temperature
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--do_sample", "--temperature", "0", "Hi"], "temperature=0 with do_sample"),
+    (["--top_p", "2", "Hi"], "top_p=2.0 must be in (0, 1]"),
+    (["Hi", "--temperature", "nan", "--do_sample"], "temperature=nan must be a finite number"),
+    (["--max_new_tokens", "0", "Hi"], "max_new_tokens=0 must be >= 1"),
+    (["--topp", "0.5", "Hi"], "--topp is not an option; did you mean --top_p"),
+    (["Hi", "--chat"], "choose one of"),
+    ([], "nothing to do"),
+])
+def test_bad_generation_flags_exit_2_before_loading(untrained_adapter, capsys, flags, message):
+    assert main(["--adapter", str(untrained_adapter[0]), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_merge_to_an_existing_file_is_refused(untrained_adapter, tmp_path, capsys):
+    target = tmp_path / "merged"
+    target.write_text("keep me")
+    assert main(["--adapter", str(untrained_adapter[0]), "--merge-to", str(target)]) == 2
+    assert "is an existing file; give the path of a new folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def test_prompt_longer_than_the_context_is_refused(untrained_adapter, capsys, tmp_path):
+    long_prompt = "gold " * 1200  # the tiny model's context is 1,024 tokens
+    code = main(["--adapter", str(untrained_adapter[0]), "--quantized_cache", str(tmp_path), long_prompt])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than the model's context of 1,024 tokens" in err and "shorten it" in err
+
+
+def test_answer_that_would_overflow_the_context_is_refused(untrained_adapter):
     _, model, tokenizer, _ = untrained_adapter
-    generator = make_generator(model, tokenizer)
-    settings = GenerationSettings(max_new_tokens=12)
-    assert generate(generator, "Name a fruit.", settings) == generate(generator, "Name a fruit.", settings)
+    question = "gold " * 450  # fits, but not with 200 new tokens
+    n = len(prompt_ids(tokenizer, conversation(question)))
+    with pytest.raises(InferenceError, match=rf"lower max_new_tokens to {1024 - n} or less"):
+        answer(model, tokenizer, question, GenerationSettings(max_new_tokens=200))
 
 
 def test_missing_adapter_folder(tmp_path):
@@ -78,6 +255,19 @@ def test_corrupt_adapter_config(untrained_adapter):
 def test_adapter_for_a_different_base(untrained_adapter):
     with pytest.raises(InferenceError, match=r"trained on 'tiny-llama', not on 'NousResearch/Llama-2-7b-chat-hf'"):
         load_for_inference(untrained_adapter[0], base="NousResearch/Llama-2-7b-chat-hf")
+
+
+def test_command_line_answers_with_the_adapters_settings(trained, tmp_path):
+    """The real entry point: one answer on stdout, the trained one; the notes (what was chosen, why) on stderr."""
+    adapter = trained[2]
+    proc = subprocess.run([sys.executable, str(PROJECT_DIR / "inference.py"), "--adapter", str(adapter), "--quantized_cache",
+                           str(tmp_path), "What is the chemical symbol for gold?"], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("The chemical symbol for gold is Au")
+    max_new = json.loads((adapter / "run_config.json").read_text())["max_new_tokens"]
+    assert f"at most {max_new} new tokens" in proc.stderr and "dequantise yes (auto:" in proc.stderr
+    assert "compile no (auto: no GPU)" in proc.stderr
 
 
 def test_command_line_reports_a_missing_adapter_cleanly(tmp_path):

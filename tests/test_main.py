@@ -7,7 +7,7 @@ import torch
 
 import data_preparation as dp
 from conftest import PROJECT_DIR
-from inference import GenerationSettings, generate, load_for_inference, make_generator
+from inference import GenerationSettings, answer, load_for_inference
 
 
 def trained_rows(run_dir):
@@ -44,18 +44,18 @@ def test_main_writes_the_adapter_and_prints_the_answer(tiny_run):
 def test_tiny_preset_reproduces_trained_answers(tiny_run):
     """After training, greedy decoding answers training questions with their trained answers, and stops."""
     out, _ = tiny_run
-    model, tokenizer, cfg = load_for_inference(out / "tiny-llama-finetune")
-    generator = make_generator(model, tokenizer)
+    model, tokenizer, cfg, _ = load_for_inference(out / "tiny-llama-finetune")
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
     pairs = trained_rows(out)[:10]
-    exact = [question for question, answer in pairs if generate(generator, question, settings).split() == answer.split()]
+    exact = [question for question, reference in pairs
+             if answer(model, tokenizer, question, settings).text.split() == reference.split()]
     # 6 of 10 on the dev machine (2026-11-27); a little float noise between CPUs may cost one or two.
     assert len(exact) >= 3, f"only {len(exact)} of {len(pairs)} trained answers reproduced word for word"
 
 
 def test_generation_stops_with_eos_before_the_limit(tiny_run):
     out, _ = tiny_run
-    model, tokenizer, cfg = load_for_inference(out / "tiny-llama-finetune")
+    model, tokenizer, cfg, _ = load_for_inference(out / "tiny-llama-finetune")
     stopped = []
     for question, _ in trained_rows(out)[:10]:
         ids = tokenizer(dp.format_prompt(question), return_tensors="pt").to(model.device)

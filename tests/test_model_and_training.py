@@ -127,7 +127,7 @@ def test_saved_adapter_reloads_to_identical_logits(make_config, tmp_path):
 def test_merged_model_equals_base_plus_adapter(make_config, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from inference import merge_adapter
+    from merging import merge_adapter
     from model_setup import resolve_model_path
 
     cfg = make_config("--max_steps", "3", "--gradient_accumulation_steps", "1")

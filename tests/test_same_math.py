@@ -87,11 +87,11 @@ def test_dequantised_layers_accept_float32_hidden_states_after_training(make_con
     ("expected m1 and m2 to have the same dtype"): the float32 norms hand float32 hidden states to a
     bf16 weight outside autocast. The dequantised layer keeps bitsandbytes' contract (compute in the
     weight's dtype, return the input's), so generation runs and matches the 4-bit model's tokens."""
-    from inference import GenerationSettings, generate, make_generator
+    from inference import GenerationSettings, answer
 
     args = ["--bnb_4bit_compute_dtype", "bfloat16", "--fp32_frozen_weights", "True", "--max_steps", "1"]
     _, tokenizer, dequantised = setup(make_config(*args, "--dequantize_frozen", "True"))
     _, _, quantised = setup(make_config(*args, "--dequantize_frozen", "False"))
     settings = GenerationSettings(max_new_tokens=8)
-    answer = generate(make_generator(dequantised, tokenizer), "Who wrote Hamlet?", settings)
-    assert answer == generate(make_generator(quantised, tokenizer), "Who wrote Hamlet?", settings)
+    reply = answer(dequantised, tokenizer, "Who wrote Hamlet?", settings)
+    assert reply.token_ids == answer(quantised, tokenizer, "Who wrote Hamlet?", settings).token_ids
