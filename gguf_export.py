@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from inference import InferenceError
 
@@ -216,10 +215,3 @@ def check_gguf(path: Path, model, gguf_type: str) -> str:
     return (f"GGUF check: {len(expected)} tensors present with the expected shapes and types; dequantised values "
             f"within {worst:.2e} of each tensor's largest |value| of the merged model ({gguf_type} allows {TOLERANCE[gguf_type]:.2e})")
 
-
-def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy tokens for a prompt: what llama.cpp must reproduce from the GGUF file."""
-    with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
