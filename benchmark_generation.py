@@ -261,7 +261,7 @@ def prepare_model(args) -> tuple[Path, str]:
         raise SystemExit("benchmark_generation.py measures GPU generation: no CUDA device here (use --smoke on a CPU)")
     from benchmark import build_random_model
 
-    base = build_random_model(args.work / f"llama2-7b-shape-{args.layers}l", args.layers)
+    base = build_random_model(args.work / f"llama2-7b-shape-{args.layers}l", args.layers, None)
     return base, str(base)
 
 
