@@ -94,12 +94,15 @@ def load_case(kind: str, dequantize: str, compile_: str, adapter: Path, base_dir
         model, tokenizer, _, plan = load_for_inference(adapter, dequantize=dequantize, compile_=compile_, many_rows=True,
                                                        cache_root=cache, say=lambda s: None)
         return model, tokenizer, plan
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from config import Config
+    from model_setup import load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device} if device == "cuda" else None)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = load_tokenizer(Config(model_name=str(base_dir)))  # as training and inference load it: a pad that is not EOS
     return model.eval(), tokenizer, DecodingPlan(False, compile_ == "yes", f"bf16, compile {compile_}")
 
 
