@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+import parallel
 from config import Config, ConfigError, parse_config
 from data_preparation import DataError, prepare_datasets
 from inference import GenerationSettings, generate, make_generator
@@ -24,10 +25,14 @@ from model_setup import SetupError, add_lora, load_base_model, load_model_config
 from performance import PlanError, apply_plan, format_plan, plan_performance
 from report import (PhaseClock, build_metrics, compare_answers, eval_seconds, format_held_out, format_phases,
                     held_out_metrics, write_report)
-from training import (OutOfMemory, StopOnSignal, TrainingError, build_trainer, format_parameter_counts, format_summary,
-                      free_memory, micro_batch_of, out_of_memory_message, prepare_output_dir, run_training, save_adapter)
+from training import (NonFiniteLoss, OutOfMemory, StopOnSignal, TrainingError, build_trainer, format_parameter_counts,
+                      format_summary, free_memory, micro_batch_of, out_of_memory_message, prepare_output_dir, run_training,
+                      save_trained_adapter)
 
 USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, PlanError)
+# Errors that may strike one process of several (its own rows, its own GPU): each process names its own.
+# Every other error is found identically by all of them, and the main process alone prints it.
+PER_PROCESS_ERRORS = (OutOfMemory, NonFiniteLoss)
 
 
 class Interrupted(Exception):
@@ -38,11 +43,14 @@ class Interrupted(Exception):
 
 def train_and_save(cfg: Config, argv: list[str], clock: PhaseClock) -> dict:
     runtime = resolve_runtime(cfg)
-    print(f"device: {runtime.reason}")
-    resume_from = prepare_output_dir(cfg)
+    parallel.start(runtime.is_cuda)  # with several processes: join them, before anything is agreed
+    print(f"device: {runtime.reason}; {parallel.describe()}")
+    resume_from = parallel.on_main_process(prepare_output_dir, cfg)  # one process touches output_dir
     plan = plan_performance(cfg, runtime, load_model_config(cfg), resumed_micro_batch=micro_batch_of(resume_from))
     cfg = apply_plan(cfg, plan)  # from here on, cfg holds the values that run
     print(format_plan(plan))
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     try:
         return train_with_plan(cfg, runtime, resume_from, argv, clock)
     except torch.OutOfMemoryError:
@@ -67,7 +75,7 @@ def train_with_plan(cfg: Config, runtime, resume_from, argv: list[str], clock: P
     finally:
         stop.uninstall()
     with clock.phase("save"):
-        adapter = save_adapter(trainer.model, tokenizer, cfg)
+        adapter = save_trained_adapter(trainer, tokenizer, cfg)
     if stop.received is not None:
         raise Interrupted(stop.received, interrupted_message(trainer.state.global_step, adapter, cfg, argv))
     with clock.phase("evaluation"):
@@ -78,33 +86,56 @@ def train_with_plan(cfg: Config, runtime, resume_from, argv: list[str], clock: P
 
 def interrupted_message(step: int, adapter, cfg: Config, argv: list[str]) -> str:
     args = " ".join(a for a in argv if a not in ("--resume",)) if argv else ""
+    launcher = "python" if parallel.world_size() == 1 else "<the same launcher and processes as before>"
     return (f"interrupted at step {step}: adapter of this state saved to {adapter}, checkpoint in {cfg.output_dir}.\n"
-            f"resume with: python main.py {args} --resume latest".replace("  ", " "))
+            f"resume with: {launcher} main.py {args} --resume latest".replace("  ", " "))
 
 
 def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
     free_memory()  # as the seed: give cached GPU memory back before generating
     trainer, summary = run["trainer"], run["summary"]
-    settings = GenerationSettings.from_config(cfg)
     with clock.phase("generation"):
-        generator = make_generator(trainer.model, run["tokenizer"])
-        answer = generate(generator, cfg.example_prompt, settings)
-        answers = compare_answers(trainer.model, generator, cfg.report_prompts, settings, generate)
+        answer, answers = generate_answers(trainer.model, run["tokenizer"], cfg)
     phases = clock.split(eval_seconds(trainer.state.log_history))
     metrics = build_metrics(cfg, summary, run["before"], run["after"], trainer.state.log_history,
                             eval_seconds(trainer.state.log_history), phases)
     paths = write_report(cfg.output_dir, metrics, answers)
     print(f"\n{format_summary(summary)}\n{format_phases(phases)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
-    print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
+    if answer is not None:
+        print(f"[INST] {cfg.example_prompt} [/INST]\n{answer}")
     return {**run, "answer": answer, "paths": paths}
+
+
+def generate_answers(model, tokenizer, cfg: Config) -> tuple[str | None, list[dict]]:
+    """The example answer and the report's base-vs-tuned answers; none under FSDP, where every process
+    holds a shard of the weights and generating would gather the whole model for every token."""
+    if parallel.fsdp_enabled():
+        print("answers: not generated under FSDP (the weights are sharded); generate from the saved adapter with inference.py")
+        return None, []
+    settings = GenerationSettings.from_config(cfg)
+    generator = make_generator(model, tokenizer)
+    answer = generate(generator, cfg.example_prompt, settings)
+    return answer, compare_answers(model, generator, cfg.report_prompts, settings, generate)
 
 
 def run(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parallel.quiet_other_processes()  # each line once: only the main process prints
     clock = PhaseClock()
     result = train_and_save(parse_config(argv), argv, clock)
+    if not parallel.is_main_process():  # generating and writing the report is the main process's part
+        return result
     return evaluate_and_report(result["cfg"], result, clock)
+
+
+def report_error(exc: Exception) -> None:
+    if parallel.world_size() == 1:
+        print(f"error: {exc}", file=sys.stderr)
+    elif isinstance(exc, PER_PROCESS_ERRORS):
+        print(f"error in process {parallel.rank()} of {parallel.world_size()}: {exc}", file=sys.stderr)
+    elif parallel.is_main_process():
+        print(f"error: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,17 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except OutOfMemory as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(exc)
         return 3
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(exc)
         return 2
     except Interrupted as exc:
-        print(f"\n{exc}", file=sys.stderr)
+        if parallel.is_main_process():
+            print(f"\n{exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("\naborted (nothing saved from the step in progress)", file=sys.stderr)
+        if parallel.is_main_process():
+            print("\naborted (nothing saved from the step in progress)", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        parallel.finish()
     return 0
 
 

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+import parallel
 from config import Config, save_config
 from model_setup import Runtime, count_parameters, keep_adapter_fp32
 
@@ -34,6 +35,10 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
+
+
+class NonFiniteLoss(TrainingError):
+    """A loss became NaN or infinite (in one process of several, possibly only in that one)."""
 
 
 @dataclass
@@ -47,6 +52,7 @@ class TrainSummary:
     global_step: int
     trainable_params: int
     total_params: int
+    processes: int = 1  # tokens and tokens/s count all of them; peak memory is the largest of one process
 
 
 def report_to(cfg: Config) -> list[str]:
@@ -138,7 +144,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
         for key in ("loss", "eval_loss"):
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value):
-                raise TrainingError(non_finite_message(key, value, state.global_step, args))
+                raise NonFiniteLoss(non_finite_message(key, value, state.global_step, args))
 
 
 def non_finite_message(what: str, value: float, step: int, args) -> str:
@@ -152,6 +158,7 @@ def non_finite_message(what: str, value: float, step: int, args) -> str:
 
 def guarded_trainer_class():
     """SFTTrainer that stops at the first non-finite training loss, naming the step."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
 
     class GuardedSFTTrainer(SFTTrainer):
@@ -159,17 +166,36 @@ def guarded_trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             # The Trainer itself syncs on this check every micro-step (its NaN filter), so it is free.
             if not torch.isfinite(loss):
-                raise TrainingError(non_finite_message("training loss", loss.item(), self.state.global_step + 1, self.args))
+                raise NonFiniteLoss(non_finite_message("training loss", loss.item(), self.state.global_step + 1, self.args))
             return loss
+
+        def _get_train_sampler(self, *args, **kwargs):
+            # Length grouping sizes its groups from the rows of a step; the Trainer counts those per
+            # process. Counted over all processes, N processes get the order one process gets, and as
+            # each takes every N-th forward pass of it, every step trains on the same rows as one process.
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.batch_size *= self.args.world_size
+            return sampler
 
     return GuardedSFTTrainer
 
 
 class StopOnSignal(TrainerCallback):
-    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, stop; a second signal aborts at once."""
+    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, stop; a second signal aborts at once.
+
+    With several processes the signal may reach one of them, or each at a different moment: at the end
+    of every step they agree (the highest signal number any of them received), so all stop after the
+    same step, write one checkpoint together and leave no process waiting for the others forever.
+    """
+
+    # The same signal twice within this many seconds is one delivery seen twice (a launcher forwarding
+    # what the machine already sent to every process), not a person pressing Ctrl-C again.
+    REPEAT_WINDOW_S = 1.0
 
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous = {}
 
     def install(self) -> "StopOnSignal":
@@ -183,13 +209,19 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # asked twice: the user means it
-            self.uninstall()
+        if self.received is not None:
+            if signum == self.received and time.monotonic() - self._received_at < self.REPEAT_WINDOW_S:
+                return
+            self.uninstall()  # asked twice: the user means it
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving (again to abort at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        agreed = int(parallel.max_over_processes(self.received or 0, str(args.device)))
+        if agreed and self.received is None:  # another process was signalled
+            self.received = agreed
+            print(f"\n{signal.Signals(agreed).name} received by another process: stopping after this step and saving", flush=True)
         if self.received is not None:
             control.should_save = True  # a resumable checkpoint of exactly this step
             control.should_training_stop = True
@@ -208,7 +240,22 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg: Config, runtime:
     trainer.add_callback(ProgressWithLossLines())
     keep_tensorboard_in_output_dir(trainer, cfg.output_dir)
     keep_adapter_fp32(trainer.model)  # undo TRL's bf16 cast of the LoRA weights (see model_setup)
+    if trainer.is_fsdp_enabled:
+        wrap_for_fsdp_qlora(trainer)
     return trainer
+
+
+def wrap_for_fsdp_qlora(trainer) -> None:
+    """FSDP settings for 4-bit weights with a LoRA adapter, set before anything wraps the model.
+
+    The Trainer applies them itself only when training starts; the held-out evaluation before training
+    would already have wrapped the model with the launch config's plain policy. PEFT's policy gives
+    every LoRA matrix its own FSDP unit (its float32 weights apart from the frozen compute-dtype ones)
+    and each decoder layer one more; the mixed precision follows bnb_4bit_quant_storage.
+    """
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    update_fsdp_plugin_peft(trainer.model, trainer.accelerator)
 
 
 def keep_tensorboard_in_output_dir(trainer, output_dir: str) -> None:
@@ -231,6 +278,7 @@ def peak_memory(runtime: Runtime) -> tuple[float, str]:
 
 
 def run_training(trainer, runtime: Runtime, resume_from: str | None = None) -> TrainSummary:
+    let_training_wrap(trainer)
     trainable, total = count_parameters(trainer.model)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -238,6 +286,7 @@ def run_training(trainer, runtime: Runtime, resume_from: str | None = None) -> T
     tokens = int(trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     peak, kind = peak_memory(runtime)
+    peak = parallel.max_over_processes(peak, runtime.device)  # the tokens are already counted over all of them
     return TrainSummary(
         wall_time_s=wall,
         train_tokens=tokens,
@@ -248,7 +297,22 @@ def run_training(trainer, runtime: Runtime, resume_from: str | None = None) -> T
         global_step=trainer.state.global_step,
         trainable_params=trainable,
         total_params=total,
+        processes=parallel.world_size(),
     )
+
+
+def let_training_wrap(trainer) -> None:
+    """Undo accelerate's mark on a model evaluated before training (the base model's held-out loss).
+
+    It marks the model prepared without wrapping it in DistributedDataParallel (no gradients to
+    share in an evaluation), and train() then refuses to wrap it: every process would train its own
+    copy on its own rows, silently, while the logged loss (averaged over the processes) looks right.
+    """
+    model = trainer.model
+    if parallel.world_size() > 1 and not trainer.is_fsdp_enabled and trainer.model_wrapped is model:
+        model._is_accelerate_prepared = False
+        if model in trainer.accelerator._models:
+            trainer.accelerator._models.remove(model)
 
 
 def format_parameter_counts(model) -> str:
@@ -261,15 +325,41 @@ def format_summary(summary: TrainSummary) -> str:
     return (
         f"wall time {summary.wall_time_s:.1f} s | {summary.global_step} steps | "
         f"{summary.train_tokens:,} tokens at {summary.tokens_per_second:,.0f} tokens/s | "
-        f"peak memory {summary.peak_memory_gib:.2f} GiB ({summary.peak_memory_kind}) | final train loss {loss}"
+        f"peak memory {summary.peak_memory_gib:.2f} GiB ({summary.peak_memory_kind}{per_process(summary)}) | "
+        f"final train loss {loss}"
     )
+
+
+def per_process(summary: TrainSummary) -> str:
+    return f", the most of {summary.processes} processes" if summary.processes > 1 else ""
 
 
 def adapter_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.new_model
 
 
-def save_adapter(model, tokenizer, cfg: Config, target: Path | None = None) -> Path:
+def gathered_adapter_weights(trainer) -> dict | None:
+    """Under FSDP every process holds a shard of each LoRA matrix: gather them whole into the main
+    process's CPU memory (the frozen 4-bit weights stay where they are). None when the model is
+    whole in this process (one process, or DDP), where save_pretrained reads it directly.
+    Every process must call this: the gathering is collective."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(trainer.model_wrapped, options=options)
+
+
+def save_trained_adapter(trainer, tokenizer, cfg: Config) -> Path:
+    """The trained adapter, written once by the main process (under FSDP from the weights every process
+    helped gather); every process returns its folder, or raises the main process's error."""
+    weights = gathered_adapter_weights(trainer)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return parallel.on_main_process(save_adapter, model, tokenizer, cfg, state_dict=weights)
+
+
+def save_adapter(model, tokenizer, cfg: Config, target: Path | None = None, state_dict: dict | None = None) -> Path:
     """Write adapter + tokenizer + the config used, atomically.
 
     Everything goes to a temporary sibling folder first and replaces the target only once
@@ -282,7 +372,7 @@ def save_adapter(model, tokenizer, cfg: Config, target: Path | None = None) -> P
     previous = target.with_name(f".{target.name}.previous")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / "run_config.json")
     except BaseException:
