@@ -360,7 +360,7 @@ def decide_cpu_threads(cfg: Config, world_size: int, local_processes: int, cpus:
     threads = max(1, cores // local_processes)
     if cpus is None:  # a launcher that pins each process to a few cores (NUMA binding) has the last word
         threads = min(threads, len(os.sched_getaffinity(0)))
-    notes.append(f"auto: {threads} CPU threads per process ({cores} cores, {local_processes} processes on this machine; "
+    notes.append(f"auto: {threads} CPU threads per process ({cores} cores, {local_processes} process(es) on this machine; "
                  "the launchers' default of 1 starves each GPU's CPU work)")
     return threads
 

@@ -106,6 +106,9 @@ def build_sft_config(cfg: Config, runtime: Runtime, has_eval: bool):
         use_cpu=not runtime.is_cuda,
         use_liger_kernel=cfg.use_liger_kernel and runtime.is_cuda,
         include_num_input_tokens_seen="non_padding",
+        # Several processes (DDP): every LoRA weight takes part in every step, so DDP need not search
+        # the graph for unused ones each step (the Trainer's default when its own checkpointing is off).
+        ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # a NaN must surface, not be averaged away
         dataset_kwargs={"skip_prepare_dataset": False},
         disable_tqdm=False,
