@@ -19,7 +19,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
 
 # The name that selects the tiny Llama built offline by tiny_model.py (random weights, tokenizer
 # trained on data/sample.jsonl). Any other model_name is a hub id or a local folder.
@@ -185,6 +184,12 @@ class Config:
                           "compile (H200, 7B). None = auto: on in performance_mode speed, off otherwise (it pays back "
                           "after ~2,000 steps).", "nargs": "?", "const": True},
     )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch's CPU threads in each process. None = auto: torch's default in a one-process run; with "
+                          "several processes (torchrun, accelerate launch) this machine's cores shared among them, as the "
+                          "launchers' default of 1 thread starves the GPUs (OMP_NUM_THREADS other than 1 is respected)."},
+    )
     use_liger_kernel: bool = field(
         default=False,
         metadata={"help": "Fused Triton kernels (liger-kernel) on a GPU when installed. Off: measured slower with NF4 + "
@@ -333,6 +338,7 @@ def validate_config(cfg: Config) -> list[str]:
           f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be >= 1 (or None for auto)")
     check(cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of >= 1,
           f"pad_to_multiple_of={cfg.pad_to_multiple_of} must be >= 1 (1 = no rounding, or None for auto)")
+    check(cfg.cpu_threads is None or cfg.cpu_threads >= 1, f"cpu_threads={cfg.cpu_threads} must be >= 1 (or None for auto)")
     check(cfg.max_grad_norm > 0, f"max_grad_norm={cfg.max_grad_norm} must be > 0 (e.g. 0.3)")
     check(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
     check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1) (e.g. 0.03)")

@@ -27,7 +27,7 @@ from pathlib import Path
 from chat_format import (ChatFormatError, ChatStyle, ConversationError, TrainingText, answer_spans, chat_style,
                          check_training_conversation, encode_training_text, llama2_messages, llama2_problem,
                          normalize_row, training_texts)
-from chat_format import format_prompt  # noqa: F401  (inference.py imports it from here)
+from chat_format import format_prompt  # noqa: F401  (tests import it from here)
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv"}

@@ -23,6 +23,8 @@ quiet_library_noise()
 
 import torch  # noqa: E402
 
+import parallel  # noqa: E402
+
 from chat_format import prompt_text  # noqa: E402
 from config import Config, ConfigError, parse_config  # noqa: E402
 from data_preparation import DataError, prepare_datasets  # noqa: E402
@@ -33,11 +35,14 @@ from performance import PlanError, apply_plan, format_plan, plan_performance  # 
 from report import (PhaseClock, build_metrics, compare_answers, eval_seconds, format_held_out,  # noqa: E402
                     format_phases, held_out_metrics, report_is_written, write_report)
 from run_files import OutputDirError, hold_output_dir, inspect_output_dir, recover_interrupted_replace  # noqa: E402
-from training import (CheckpointBookkeeping, OutOfMemory, SaveFailed, StopOnSignal, TrainingError,  # noqa: E402
+from training import (CheckpointBookkeeping, NonFiniteLoss, OutOfMemory, SaveFailed, StopOnSignal, TrainingError,  # noqa: E402
                       build_trainer, check_steps, format_parameter_counts, format_summary, free_memory,
                       micro_batch_of, out_of_memory_message, processes, run_training, save_or_keep_adapter)
 
 USER_ERRORS = (ConfigError, DataError, SetupError, TrainingError, OutputDirError, PlanError, InferenceError)
+# Errors that may strike one process of several (its own rows, its own GPU): each process names its own.
+# Every other error is found identically by all of them, and the main process alone prints it.
+PER_PROCESS_ERRORS = (OutOfMemory, NonFiniteLoss)
 
 
 class Interrupted(Exception):
@@ -48,7 +53,8 @@ class Interrupted(Exception):
 
 def train_and_save(cfg: Config, argv: list[str], clock: PhaseClock) -> dict:
     runtime = resolve_runtime(cfg)
-    print(f"device: {runtime.reason}")
+    parallel.start(runtime.is_cuda)  # with several processes: join them, before anything is agreed
+    print(f"device: {runtime.reason}; {parallel.describe()}")
     model_config = load_model_config(cfg)
     cfg, lora_reason = resolve_lora_targets(cfg, model_config)
     print(f"lora: {lora_reason}")
@@ -56,6 +62,8 @@ def train_and_save(cfg: Config, argv: list[str], clock: PhaseClock) -> dict:
     plan = plan_performance(cfg, runtime, model_config, resumed_micro_batch=micro_batch_of(start.checkpoint))
     cfg = apply_plan(cfg, plan)  # from here on, cfg holds the values that run
     print(format_plan(plan))
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     try:
         return train_with_plan(cfg, runtime, start, argv, clock)
     except torch.OutOfMemoryError:
@@ -83,7 +91,7 @@ def train_with_plan(cfg: Config, runtime, start, argv: list[str], clock: PhaseCl
             with clock.phase("train"):
                 summary, finished_before = run_training(trainer, runtime, start.checkpoint)
             with clock.phase("save"):
-                adapter = save_or_keep_adapter(trainer.model, tokenizer, cfg,
+                adapter = save_or_keep_adapter(trainer, tokenizer, cfg,
                                                start.checkpoint if finished_before else None)
     finally:
         stop.uninstall()
@@ -110,8 +118,11 @@ def resume_command(argv: list[str]) -> str:
 
 
 def interrupted_message(step: int, adapter, cfg: Config, argv: list[str]) -> str:
+    command = resume_command(argv)
+    if parallel.world_size() > 1:
+        command = command.replace("python main.py", "<the same launcher and processes as before> main.py", 1)
     return (f"interrupted at step {step}: adapter of this state saved to {adapter}, checkpoint in {cfg.output_dir}.\n"
-            f"resume with: {resume_command(argv)}")
+            f"resume with: {command}")
 
 
 def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
@@ -121,28 +132,51 @@ def evaluate_and_report(cfg: Config, run: dict, clock: PhaseClock) -> dict:
               f"{cfg.output_dir}; nothing was missing")
         return {**run, "answer": None, "paths": None}
     free_memory()  # as the seed: give cached GPU memory back before generating
-    settings = GenerationSettings.from_config(cfg)
     with clock.phase("generation"):
-        answer_text = answer(trainer.model, run["tokenizer"], cfg.example_prompt, settings).text
-        answers = compare_answers(trainer.model, run["tokenizer"], cfg.report_prompts, settings)
+        answer_text, answers = generate_answers(trainer.model, run["tokenizer"], cfg)
     phases = clock.split(eval_seconds(trainer.state.log_history))
     metrics = build_metrics(cfg, summary, run["before"], run["after"], trainer.state.log_history,
                             eval_seconds(trainer.state.log_history), phases)
     paths = write_report(cfg.output_dir, metrics, answers, run["adapter"])
     print(f"\n{format_summary(summary)}\n{format_phases(phases)}\n{format_held_out(run['before'], run['after'])}")
     print(f"adapter saved to {run['adapter']}\nreport: {paths['report']} (metrics: {paths['metrics']}, curve: {paths['curve']})\n")
-    print(f"{prompt_text(run['tokenizer'], [{'role': 'user', 'content': cfg.example_prompt}])}\n{answer_text}")
+    if answer_text is not None:
+        print(f"{prompt_text(run['tokenizer'], [{'role': 'user', 'content': cfg.example_prompt}])}\n{answer_text}")
     return {**run, "answer": answer_text, "paths": paths}
+
+
+def generate_answers(model, tokenizer, cfg: Config) -> tuple[str | None, list[dict]]:
+    """The example answer and the report's base-vs-tuned answers; none under FSDP, where every process
+    holds a shard of the weights and generating would gather the whole model for every token."""
+    if parallel.fsdp_enabled():
+        print("answers: not generated under FSDP (the weights are sharded); generate from the saved adapter with inference.py")
+        return None, []
+    settings = GenerationSettings.from_config(cfg)
+    return (answer(model, tokenizer, cfg.example_prompt, settings).text,
+            compare_answers(model, tokenizer, cfg.report_prompts, settings))
+
 
 
 def run(argv: list[str] | None = None) -> dict:
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    parallel.quiet_other_processes()  # each line once: only the main process prints
     cfg = parse_config(argv)
     clock = PhaseClock()
-    with hold_output_dir(cfg.output_dir):  # one run per output_dir, released however this ends
+    with hold_output_dir(cfg.output_dir):  # one run per output_dir (held by the main process), released however this ends
         recover_interrupted_replace(cfg.output_dir)
         result = train_and_save(cfg, argv, clock)
+        if not parallel.is_main_process():  # generating and writing the report is the main process's part
+            return result
         return evaluate_and_report(result["cfg"], result, clock)
+
+
+def report_error(exc: Exception, suffix: str = "") -> None:
+    if parallel.world_size() == 1:
+        print(f"error: {exc}{suffix}", file=sys.stderr)
+    elif isinstance(exc, PER_PROCESS_ERRORS):
+        print(f"error in process {parallel.rank()} of {parallel.world_size()}: {exc}{suffix}", file=sys.stderr)
+    elif parallel.is_main_process():
+        print(f"error: {exc}{suffix}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,18 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except OutOfMemory as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(exc)
         return 3
     except USER_ERRORS as exc:
         resume = f"\nresume with: {resume_command(argv)}" if isinstance(exc, SaveFailed) else ""
-        print(f"error: {exc}{resume}\n(`python main.py --help` lists every setting)", file=sys.stderr)
+        report_error(exc, f"{resume}\n(`python main.py --help` lists every setting)")
         return 2
     except Interrupted as exc:
-        print(f"\n{exc}", file=sys.stderr)
+        if parallel.is_main_process():
+            print(f"\n{exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("\naborted (nothing saved from the step in progress)", file=sys.stderr)
+        if parallel.is_main_process():
+            print("\naborted (nothing saved from the step in progress)", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        parallel.finish()
     return 0
 
 

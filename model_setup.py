@@ -106,7 +106,10 @@ def load_error(model_name: str, what: str, exc: Exception) -> SetupError:
                       "and your network (gated models need `hf auth login`), or point --model_name at a local folder")
 
 
-def build_bnb_config(cfg: Config, compute_dtype: torch.dtype):
+def build_bnb_config(cfg: Config, compute_dtype: torch.dtype, sharded: bool = False):
+    """sharded (FSDP): the packed 4-bit values are stored as words of the compute dtype instead of
+    bytes. FSDP flattens each layer's weights into one tensor of one dtype and casts it for mixed
+    precision; uint8 storage would be cast as numbers (destroyed), compute-dtype words pass untouched."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -114,7 +117,13 @@ def build_bnb_config(cfg: Config, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=cfg.use_nested_quant,
+        bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
     )
+
+
+def is_prequantized(model_config) -> bool:
+    """A checkpoint saved already in 4 bits (e.g. by quantize.py) carries its quantization_config."""
+    return getattr(model_config, "quantization_config", None) is not None
 
 
 def load_tokenizer(cfg: Config):
@@ -191,8 +200,19 @@ def configure_attention(cfg: Config, runtime: Runtime) -> None:
         torch.backends.cuda.enable_cudnn_sdp(bool(cfg.cudnn_attention))
 
 
-def _placement(runtime: Runtime):
-    return {"": runtime.device} if runtime.is_cuda else None
+def placement(runtime: Runtime, sharded: bool, prequantized: bool) -> tuple[dict | None, str]:
+    """Where the weights load, and why. Under FSDP a checkpoint already in 4 bits loads into CPU memory
+    and FSDP moves each process's shard, layer by layer, to its GPU: no GPU ever holds the whole
+    model. Any other checkpoint is quantised on the GPU as it loads (on the CPU that takes hours for
+    a 70B model), so each GPU holds the whole 4-bit model until FSDP shards it."""
+    if not runtime.is_cuda:
+        return None, "cpu"
+    if sharded and prequantized:
+        return {"": "cpu"}, "FSDP: the 4-bit checkpoint loads into CPU memory; each GPU receives only its shard"
+    if sharded:
+        return {"": runtime.device}, (f"FSDP: each GPU quantises the whole model while loading, then keeps its shard; "
+                                      "if the 4-bit model does not fit one GPU, convert it once with quantize.py")
+    return {"": runtime.device}, runtime.device
 
 
 def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None, saved_4bit: str | None = None):
@@ -203,11 +223,17 @@ def load_base_model(cfg: Config, runtime: Runtime, quantized: bool | None = None
     """
     from transformers import AutoModelForCausalLM
 
+    from parallel import fsdp_enabled
+
     quantized = cfg.use_4bit if quantized is None else quantized
     configure_attention(cfg, runtime)
-    kwargs = dict(dtype=runtime.compute_dtype, device_map=_placement(runtime), trust_remote_code=cfg.trust_remote_code)
-    if quantized and saved_4bit is None:
-        kwargs["quantization_config"] = build_bnb_config(cfg, runtime.compute_dtype)
+    prequantized = saved_4bit is not None or is_prequantized(load_model_config(cfg))
+    device_map, where = placement(runtime, fsdp_enabled(), prequantized)
+    if fsdp_enabled():
+        print(f"load: {where}")
+    kwargs = dict(dtype=runtime.compute_dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code)
+    if quantized and not prequantized:  # a 4-bit checkpoint brings its own quantization_config
+        kwargs["quantization_config"] = build_bnb_config(cfg, runtime.compute_dtype, sharded=fsdp_enabled())
     path = saved_4bit or resolve_model_path(cfg.model_name)
     # use_safetensors: weights never come from pickles, which can run code when loaded.
     try:

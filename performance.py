@@ -66,6 +66,7 @@ class Plan:
     torch_compile: bool
     cudnn_attention: bool
     liger: bool
+    cpu_threads: int | None  # torch's CPU threads in each process (None: torch's default, all cores)
     notes: list[str] = field(default_factory=list)  # one line per decision: the value, then "set" or "auto: why"
 
     @property
@@ -97,41 +98,74 @@ def activation_bytes(model_config, tokens: int, checkpointing: bool, fused_loss:
 
 
 def free_gpu_bytes(runtime) -> float:
+    """Free memory of this process's GPU; with several processes, the least free on any of their GPUs,
+    so that every process plans the same layout and each one fits (parallel.py)."""
     import torch
 
-    return float(torch.cuda.mem_get_info(runtime.device)[0])
+    from parallel import min_over_processes
+
+    return min_over_processes(float(torch.cuda.mem_get_info(runtime.device)[0]), runtime.device)
+
+
+def per_process_weight_bytes(model_config, quantized: bool, fp32_frozen: bool, dequantized: bool, shards: int) -> float:
+    """The frozen weights one process holds: all of them, or under FSDP its 1/shards of them plus the
+    decoder layer being gathered (and the next, prefetched). bitsandbytes' quantisation statistics
+    are not parameters, so FSDP leaves them whole on every GPU (~0.03 bytes per weight)."""
+    whole = weight_bytes(model_config, quantized, fp32_frozen, dequantized)
+    if shards == 1:
+        return whole
+    context = 1.0 * 2**30
+    layer = (whole - context) / model_config.num_hidden_layers
+    statistics = matmul_params(model_config) * (NF4_BYTES_PER_WEIGHT - 0.5) if quantized and not dequantized else 0
+    return (whole - context - statistics) / shards + statistics + 2 * layer + context
 
 
 # ---------------------------------------------------------------------------- the plan
 
-def world_size_from_env() -> int:
-    """Processes in this run: torchrun and accelerate launch set WORLD_SIZE; a plain run is 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def plan_performance(cfg: Config, runtime, model_config, free_bytes: float | None = None,
-                     world_size: int | None = None, resumed_micro_batch: int | None = None) -> Plan:
+                     world_size: int | None = None, resumed_micro_batch: int | None = None,
+                     sharded: bool | None = None, cpus: int | None = None) -> Plan:
     """Decide every speed/memory field that `cfg` leaves open, keep every one it sets, and say why.
 
-    free_bytes: free GPU memory to plan with (probed when None); world_size: processes per step
-    (WORLD_SIZE when None); resumed_micro_batch: the micro-batch of the checkpoint being resumed.
+    free_bytes: free GPU memory to plan with (probed when None: with several processes, the least
+    over their GPUs); world_size: processes per step (WORLD_SIZE when None); resumed_micro_batch: the
+    micro-batch of the checkpoint being resumed; sharded: FSDP shards the frozen weights over the
+    processes (from the accelerate launch config when None); cpus: CPU cores this machine gives the
+    run (probed when None).
     """
-    world_size = world_size or world_size_from_env()
+    import parallel
+
+    world_size = world_size or parallel.world_size()
+    sharded = parallel.fsdp_enabled() if sharded is None else sharded
     notes: list[str] = []
     liger = decide_liger(cfg, runtime, notes)
+    check_sharding(cfg, sharded)
     micro, accumulation = split_rows(cfg, world_size, resumed_micro_batch, notes)
     if runtime.is_cuda and free_bytes is None and cfg.performance_mode == "auto":
         free_bytes = free_gpu_bytes(runtime)
+        if world_size > 1:
+            notes.append(f"free GPU memory: {free_bytes / 2**30:.1f} GiB, the least over the {world_size} processes' GPUs "
+                         "(one plan for all)")
+    shards = world_size if sharded else 1
     micro, accumulation, checkpointing = decide_layout(cfg, runtime, model_config, free_bytes, world_size,
-                                                       micro, accumulation, liger, notes)
-    dequantize = decide_dequantize(cfg, runtime, model_config, free_bytes, micro, checkpointing, liger, notes)
+                                                       micro, accumulation, liger, notes, shards)
+    dequantize = decide_dequantize(cfg, runtime, model_config, free_bytes, micro, checkpointing, liger, notes, shards)
     return Plan(
         micro_batch=micro, accumulation=accumulation, world_size=world_size, checkpointing=checkpointing,
         optim=decide_optim(cfg, runtime, notes), dequantize=dequantize,
         pad_to_multiple_of=decide_padding(cfg, runtime, notes), padding_free=decide_padding_free(cfg, runtime, notes),
         torch_compile=decide_compile(cfg, runtime, notes), cudnn_attention=decide_cudnn(cfg, runtime, notes),
-        liger=liger, notes=notes,
+        liger=liger, cpu_threads=decide_cpu_threads(cfg, world_size, parallel.local_world_size(), cpus, notes),
+        notes=notes,
     )
+
+
+def check_sharding(cfg: Config, sharded: bool) -> None:
+    """FSDP flattens each decoder layer's frozen weights into one tensor of one dtype: float32 norms
+    next to 4-bit weights stored in the compute dtype cannot be flattened together."""
+    if sharded and cfg.fp32_frozen_weights:
+        raise PlanError("fp32_frozen_weights=True cannot run under FSDP (it flattens each decoder layer's frozen weights "
+                        "into one tensor of one dtype); drop --fp32_frozen_weights, or launch without the FSDP config")
 
 
 def split_rows(cfg: Config, world_size: int, resumed_micro_batch: int | None,
@@ -183,13 +217,13 @@ def layouts(per_device_rows: int, micro: int | None, checkpointing: bool | None)
 
 def decide_layout(cfg: Config, runtime, model_config, free_bytes: float | None, world_size: int,
                   micro: int | None, accumulation: int | None, liger: bool,
-                  notes: list[str]) -> tuple[int, int, bool]:
+                  notes: list[str], shards: int = 1) -> tuple[int, int, bool]:
     """(micro-batch, accumulation, checkpointing): the user's values, the open ones filled."""
     per_device = micro * accumulation if micro and accumulation else cfg.rows_per_step // world_size
     checkpointing = cfg.gradient_checkpointing
     if micro is None or checkpointing is None:
         micro, checkpointing = fill_layout(cfg, runtime, model_config, free_bytes, per_device, micro, checkpointing,
-                                           liger, notes)
+                                           liger, notes, shards)
     if cfg.per_device_train_batch_size is not None or cfg.gradient_accumulation_steps is not None:
         notes.append(f"{micro} rows per forward pass x {per_device // micro} accumulation (set)")
     if cfg.gradient_checkpointing is not None:
@@ -198,7 +232,7 @@ def decide_layout(cfg: Config, runtime, model_config, free_bytes: float | None, 
 
 
 def fill_layout(cfg: Config, runtime, model_config, free_bytes: float | None, per_device: int, micro: int | None,
-                checkpointing: bool | None, liger: bool, notes: list[str]) -> tuple[int, bool]:
+                checkpointing: bool | None, liger: bool, notes: list[str], shards: int = 1) -> tuple[int, bool]:
     if not runtime.is_cuda:
         notes.append("CPU: the open layout fields keep the seed's values (1 row per forward pass, checkpointing)")
         return micro or 1, True if checkpointing is None else checkpointing
@@ -208,7 +242,8 @@ def fill_layout(cfg: Config, runtime, model_config, free_bytes: float | None, pe
                      f"checkpointing {'on' if lean else 'off'} (where not set)")
         return micro or per_device, lean if checkpointing is None else checkpointing
     candidates = layouts(per_device, micro, checkpointing)
-    budget = free_bytes * SAFETY - weight_bytes(model_config, cfg.use_4bit, cfg.fp32_frozen_weights)
+    budget = free_bytes * SAFETY - per_process_weight_bytes(model_config, cfg.use_4bit, cfg.fp32_frozen_weights,
+                                                            False, shards)
     for m, c in candidates:
         need = activation_bytes(model_config, m * cfg.max_seq_length, c, fused_loss=liger)
         if need <= budget:
@@ -222,7 +257,7 @@ def fill_layout(cfg: Config, runtime, model_config, free_bytes: float | None, pe
 
 
 def decide_dequantize(cfg: Config, runtime, model_config, free_bytes: float | None, micro: int,
-                      checkpointing: bool, liger: bool, notes: list[str]) -> bool:
+                      checkpointing: bool, liger: bool, notes: list[str], shards: int = 1) -> bool:
     """Keep the frozen weights dequantised when memory allows: the same values, no per-use
     dequantisation (measured 1.3-1.8x the tokens/s on the 7B shape, BENCHMARKS.md)."""
     if cfg.dequantize_frozen is not None:
@@ -231,6 +266,9 @@ def decide_dequantize(cfg: Config, runtime, model_config, free_bytes: float | No
         notes.append(f"frozen weights {'kept dequantised' if cfg.dequantize_frozen else 'dequantised at each use'} (set)")
         return cfg.dequantize_frozen
     if not runtime.is_cuda or not cfg.use_4bit or cfg.performance_mode == "memory":
+        return False
+    if shards > 1:
+        notes.append("FSDP: frozen weights stay 4-bit (a dequantised copy is made whole on every GPU before sharding)")
         return False
     extra = matmul_params(model_config) * 2
     if cfg.performance_mode == "speed":
@@ -306,6 +344,31 @@ def decide_liger(cfg: Config, runtime, notes: list[str]) -> bool:
     return True
 
 
+def decide_cpu_threads(cfg: Config, world_size: int, local_processes: int, cpus: int | None,
+                       notes: list[str]) -> int | None:
+    """CPU threads per process. One process keeps torch's default (every core). With several, torchrun
+    and accelerate launch export OMP_NUM_THREADS=1 unless told otherwise, and a GPU step still has CPU
+    work (batching, kernel launches): on 2 x H200 that default scaled to 48%, 8 threads to 68% (issue 12).
+    So the cores of this machine are shared out instead; an OMP_NUM_THREADS other than the launchers'
+    1 counts as the user's choice, as does cpu_threads."""
+    if cfg.cpu_threads is not None:
+        notes.append(f"{cfg.cpu_threads} CPU threads per process (set)")
+        return cfg.cpu_threads
+    if world_size == 1:
+        return None
+    exported = os.environ.get("OMP_NUM_THREADS", "")
+    if exported.isdigit() and int(exported) > 1:
+        notes.append(f"{exported} CPU threads per process (set: OMP_NUM_THREADS)")
+        return int(exported)
+    cores = cpus or os.cpu_count() or 1
+    threads = max(1, cores // local_processes)
+    if cpus is None:  # a launcher that pins each process to a few cores (NUMA binding) has the last word
+        threads = min(threads, len(os.sched_getaffinity(0)))
+    notes.append(f"auto: {threads} CPU threads per process ({cores} cores, {local_processes} process(es) on this machine; "
+                 "the launchers' default of 1 starves each GPU's CPU work)")
+    return threads
+
+
 def format_plan(plan: Plan) -> str:
     """What runs, in one line, then one line per decision."""
     head = (f"layout: {plan.rows_per_step} rows per step = {plan.micro_batch} per forward pass x "
@@ -321,4 +384,4 @@ def apply_plan(cfg: Config, plan: Plan) -> Config:
         gradient_accumulation_steps=plan.accumulation, gradient_checkpointing=plan.checkpointing,
         optim=plan.optim, dequantize_frozen=plan.dequantize, pad_to_multiple_of=plan.pad_to_multiple_of,
         padding_free=plan.padding_free, torch_compile=plan.torch_compile, cudnn_attention=plan.cudnn_attention,
-        use_liger_kernel=plan.liger)
+        use_liger_kernel=plan.liger, cpu_threads=plan.cpu_threads)

@@ -27,9 +27,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+import parallel
 from config import TINY_MODEL_NAME, Config, save_config
 from model_setup import Runtime, count_parameters, keep_adapter_fp32
-from run_files import (SetAside, check_save_target, describe_checkpoints, is_adapter_folder, is_main_process,
+from run_files import (SetAside, check_save_target, describe_checkpoints, is_adapter_folder,
                        replace_folder, safetensors_problem, save_failed_message)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -43,6 +44,10 @@ class SaveFailed(TrainingError):
     """A checkpoint or the adapter could not be written (full disk, quota, I/O); the run can be resumed."""
 
 
+class NonFiniteLoss(TrainingError):
+    """A loss became NaN or infinite (in one process of several, possibly only in that one)."""
+
+
 @dataclass
 class TrainSummary:
     wall_time_s: float
@@ -54,6 +59,7 @@ class TrainSummary:
     global_step: int
     trainable_params: int
     total_params: int
+    processes: int = 1  # tokens and tokens/s count all of them; peak memory is the largest of one process
 
 
 def report_to(cfg: Config) -> list[str]:
@@ -107,6 +113,9 @@ def build_sft_config(cfg: Config, runtime: Runtime, has_eval: bool):
         use_cpu=not runtime.is_cuda,
         use_liger_kernel=cfg.use_liger_kernel and runtime.is_cuda,
         include_num_input_tokens_seen="non_padding",
+        # Several processes (DDP): every LoRA weight takes part in every step, so DDP need not search
+        # the graph for unused ones each step (the Trainer's default when its own checkpointing is off).
+        ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # a NaN must surface, not be averaged away
         dataset_kwargs={"skip_prepare_dataset": False},
         disable_tqdm=False,
@@ -145,7 +154,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
         for key in ("loss", "eval_loss"):
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value):
-                raise TrainingError(non_finite_message(key, value, state.global_step, args))
+                raise NonFiniteLoss(non_finite_message(key, value, state.global_step, args))
 
 
 def non_finite_message(what: str, value: float, step: int, args) -> str:
@@ -160,6 +169,8 @@ def non_finite_message(what: str, value: float, step: int, args) -> str:
 def guarded_trainer_class():
     """SFTTrainer that stops at the first non-finite loss, replays the data order exactly on resume,
     reports a failed checkpoint save clearly, and writes no TRL model card."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
     from trl import SFTTrainer
 
     class GuardedSFTTrainer(SFTTrainer):
@@ -167,11 +178,17 @@ def guarded_trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             # The Trainer itself syncs on this check every micro-step (its NaN filter), so it is free.
             if not torch.isfinite(loss):
-                raise TrainingError(non_finite_message("training loss", loss.item(), self.state.global_step + 1, self.args))
+                raise NonFiniteLoss(non_finite_message("training loss", loss.item(), self.state.global_step + 1, self.args))
             return loss
 
         def _get_train_sampler(self, train_dataset=None):
-            return epoch_seeded(super()._get_train_sampler(train_dataset), self.args)
+            # Length grouping sizes its groups from the rows of a step; the Trainer counts those per
+            # process. Counted over all processes, N processes get the order one process gets, and as
+            # each takes every N-th forward pass of it, every step trains on the same rows as one process.
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.batch_size *= self.args.world_size
+            return epoch_seeded(sampler, self.args)
 
         def _save_checkpoint(self, model, trial):
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
@@ -271,10 +288,20 @@ class TrainingClock(TrainerCallback, ExportableState):
 
 
 class StopOnSignal(TrainerCallback):
-    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, stop; a second signal aborts at once."""
+    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, stop; a second signal aborts at once.
+
+    With several processes the signal may reach one of them, or each at a different moment: at the end
+    of every step they agree (the highest signal number any of them received), so all stop after the
+    same step, write one checkpoint together and leave no process waiting for the others forever.
+    """
+
+    # The same signal twice within this many seconds is one delivery seen twice (a launcher forwarding
+    # what the machine already sent to every process), not a person pressing Ctrl-C again.
+    REPEAT_WINDOW_S = 1.0
 
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous = {}
 
     def install(self) -> "StopOnSignal":
@@ -288,13 +315,19 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # asked twice: the user means it
-            self.uninstall()
+        if self.received is not None:
+            if signum == self.received and time.monotonic() - self._received_at < self.REPEAT_WINDOW_S:
+                return
+            self.uninstall()  # asked twice: the user means it
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving (again to abort at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        agreed = int(parallel.max_over_processes(self.received or 0, str(args.device)))
+        if agreed and self.received is None:  # another process was signalled
+            self.received = agreed
+            print(f"\n{signal.Signals(agreed).name} received by another process: stopping after this step and saving", flush=True)
         if self.received is not None:
             control.should_save = True  # a resumable checkpoint of exactly this step
             control.should_training_stop = True
@@ -313,7 +346,22 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg: Config, runtime:
     trainer.add_callback(ProgressWithLossLines())
     keep_tensorboard_in_output_dir(trainer, cfg.output_dir)
     keep_adapter_fp32(trainer.model)  # undo TRL's bf16 cast of the LoRA weights (see model_setup)
+    if trainer.is_fsdp_enabled:
+        wrap_for_fsdp_qlora(trainer)
     return trainer
+
+
+def wrap_for_fsdp_qlora(trainer) -> None:
+    """FSDP settings for 4-bit weights with a LoRA adapter, set before anything wraps the model.
+
+    The Trainer applies them itself only when training starts; the held-out evaluation before training
+    would already have wrapped the model with the launch config's plain policy. PEFT's policy gives
+    every LoRA matrix its own FSDP unit (its float32 weights apart from the frozen compute-dtype ones)
+    and each decoder layer one more; the mixed precision follows bnb_4bit_quant_storage.
+    """
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    update_fsdp_plugin_peft(trainer.model, trainer.accelerator)
 
 
 def keep_tensorboard_in_output_dir(trainer, output_dir: str) -> None:
@@ -381,6 +429,7 @@ def run_training(trainer, runtime: Runtime, resume_from: Path | None = None) -> 
         print(f"resume: training finished at step {trainer.state.global_step} in {resume_from.name}; nothing is "
               "trained again and no weight changes, only what is missing is finished (adapter, evaluation, report)")
         return summarize(trainer, runtime, finished), True
+    let_training_wrap(trainer)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     clock = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingClock))  # a resume replaces it
     return summarize(trainer, runtime, clock, result.training_loss), False
@@ -412,6 +461,7 @@ def summarize(trainer, runtime: Runtime, clock: TrainingClock, training_loss: fl
     tokens = int(trainer.state.num_input_tokens_seen)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     peak, kind = peak_memory(runtime.is_cuda)
+    peak = parallel.max_over_processes(peak, runtime.device)  # the tokens are already counted over all of them
     return TrainSummary(
         wall_time_s=wall,
         train_tokens=tokens,
@@ -422,7 +472,22 @@ def summarize(trainer, runtime: Runtime, clock: TrainingClock, training_loss: fl
         global_step=trainer.state.global_step,
         trainable_params=trainable,
         total_params=total,
+        processes=parallel.world_size(),
     )
+
+
+def let_training_wrap(trainer) -> None:
+    """Undo accelerate's mark on a model evaluated before training (the base model's held-out loss).
+
+    It marks the model prepared without wrapping it in DistributedDataParallel (no gradients to
+    share in an evaluation), and train() then refuses to wrap it: every process would train its own
+    copy on its own rows, silently, while the logged loss (averaged over the processes) looks right.
+    """
+    model = trainer.model
+    if parallel.world_size() > 1 and not trainer.is_fsdp_enabled and trainer.model_wrapped is model:
+        model._is_accelerate_prepared = False
+        if model in trainer.accelerator._models:
+            trainer.accelerator._models.remove(model)
 
 
 def format_parameter_counts(model) -> str:
@@ -435,15 +500,33 @@ def format_summary(summary: TrainSummary) -> str:
     return (
         f"wall time {summary.wall_time_s:.1f} s | {summary.global_step} steps | "
         f"{summary.train_tokens:,} tokens at {summary.tokens_per_second:,.0f} tokens/s | "
-        f"peak memory {summary.peak_memory_gib:.2f} GiB ({summary.peak_memory_kind}) | final train loss {loss}"
+        f"peak memory {summary.peak_memory_gib:.2f} GiB ({summary.peak_memory_kind}{per_process(summary)}) | "
+        f"final train loss {loss}"
     )
+
+
+def per_process(summary: TrainSummary) -> str:
+    return f", the most of {summary.processes} processes" if summary.processes > 1 else ""
 
 
 def adapter_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.new_model
 
 
-def save_adapter(model, tokenizer, cfg: Config) -> Path:
+def gathered_adapter_weights(trainer) -> dict | None:
+    """Under FSDP every process holds a shard of each LoRA matrix: gather them whole into the main
+    process's CPU memory (the frozen 4-bit weights stay where they are). None when the model is
+    whole in this process (one process, or DDP), where save_pretrained reads it directly.
+    Every process must call this: the gathering is collective."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(trainer.model_wrapped, options=options)
+
+
+def save_adapter(model, tokenizer, cfg: Config, state_dict: dict | None = None) -> Path:
     """Write adapter + tokenizer + the config used, atomically, to output_dir/new_model.
 
     Everything goes to a temporary sibling folder first and replaces the adapter folder only once
@@ -456,7 +539,7 @@ def save_adapter(model, tokenizer, cfg: Config) -> Path:
     staging = target.with_name(f".{target.name}.saving")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / "run_config.json")
         name_the_base(staging, cfg.model_name)
@@ -484,16 +567,18 @@ def name_the_base(adapter: Path, model_name: str) -> None:
     (adapter / "README.md").unlink(missing_ok=True)
 
 
-def save_or_keep_adapter(model, tokenizer, cfg: Config, finished_checkpoint: Path | None) -> Path:
-    """Save the adapter, unless this run only finishes a finished checkpoint whose weights the saved
-    adapter holds already: then it is kept as it is, and that is said."""
+def save_or_keep_adapter(trainer, tokenizer, cfg: Config, finished_checkpoint: Path | None) -> Path:
+    """Save the trained adapter, once, from the main process (under FSDP from the weights every process
+    helped gather); every process returns its folder, or raises the main process's error. Unless this
+    run only finishes a finished checkpoint whose weights the saved adapter holds already: then it is
+    kept as it is, and that is said."""
     adapter = adapter_dir(cfg)
     if finished_checkpoint is not None and holds_weights_of(adapter, finished_checkpoint):
         print(f"adapter: {adapter} already holds the weights of {finished_checkpoint.name}; kept as it is")
         return adapter
-    if not is_main_process():  # one process writes the files of a multi-GPU run
-        return adapter
-    return save_adapter(model, tokenizer, cfg)
+    weights = gathered_adapter_weights(trainer)  # collective under FSDP: every process takes part
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return parallel.on_main_process(save_adapter, model, tokenizer, cfg, state_dict=weights)
 
 
 def holds_weights_of(adapter: Path, checkpoint: Path) -> bool:
@@ -509,7 +594,7 @@ def holds_weights_of(adapter: Path, checkpoint: Path) -> bool:
 
 def processes() -> int:
     """Training processes of this run (torchrun / accelerate launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return parallel.world_size()
 
 
 def free_memory() -> None:
