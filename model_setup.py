@@ -44,6 +44,12 @@ def resolve_runtime(cfg: Config, cuda_available: bool | None = None, bf16_suppor
     """
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if not cuda_available:
+        from parallel import fsdp_enabled
+
+        if fsdp_enabled():  # accelerate's FSDP runs on accelerators only; it would fail later, after loading
+            raise SetupError("launched with an FSDP config (launch/fsdp_qlora.yaml) but no CUDA GPU is visible: FSDP "
+                             "shards the model over GPUs. On this machine launch without it: torchrun --nproc_per_node N "
+                             "main.py (DDP)")
         if not cfg.allow_cpu:
             raise SetupError(
                 f"no CUDA GPU found, and model_name={cfg.model_name!r} needs an NVIDIA GPU for 4-bit training "

@@ -46,12 +46,29 @@ def held_out_metrics(trainer, base_model: bool = False) -> HeldOut | None:
         return HeldOut(loss, safe_exp(loss), len(trainer.eval_dataset), float(logged.get("eval_runtime", 0.0)))
     prefix = "base" if base_model else "eval"
     if base_model:
-        with trainer.model.disable_adapter():
+        with adapter_switched_off(trainer.model):
             metrics = trainer.evaluate(metric_key_prefix=prefix)
     else:
         metrics = trainer.evaluate(metric_key_prefix=prefix)
     loss = float(metrics[f"{prefix}_loss"])
     return HeldOut(loss, safe_exp(loss), len(trainer.eval_dataset), float(metrics.get(f"{prefix}_runtime", 0.0)))
+
+
+@contextmanager
+def adapter_switched_off(model):
+    """The base model exactly: PEFT's adapter switch, with the LoRA weights still marked trainable.
+
+    PEFT's switch also freezes them (requires_grad=False). The first evaluation under FSDP is what
+    shards the model, and FSDP groups weights by whether they train: frozen, the float32 LoRA
+    weights would be flattened into one tensor with the bf16 base weights, which FSDP refuses
+    ("Must flatten tensors with uniform dtype"). Switched off, they take no part in the forward
+    pass either way, and evaluation computes no gradients.
+    """
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    with model.disable_adapter():
+        for param in trainable:
+            param.requires_grad_(True)
+        yield
 
 
 @dataclass

@@ -252,3 +252,52 @@ def test_a_checkpoint_written_in_4_bits_loads_to_the_same_model(tmp_path, tiny_m
     with torch.no_grad():
         assert torch.equal(at_load(ids).logits, converted(ids).logits)
     assert quantize_main(["--model_name", str(tiny_model_dir), "--out", str(out), "--device", "cpu"]) == 2  # exists
+
+
+def test_benchmark_random_4bit_checkpoint_loads_as_a_quantised_model(tmp_path):
+    """benchmark_parallel's 70B/13B stand-ins: a 4-bit checkpoint of random weights, written through
+    quantize.py's writer, that from_pretrained reads as a bitsandbytes model with the given shape."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmark_parallel import build_random_4bit
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+    folder = build_random_4bit(tmp_path / "nf4", shape, tokenizer_dir=None, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.nested
+    assert model.model.layers[1].self_attn.k_proj.out_features == 32  # 2 KV heads of 16
+    import bitsandbytes as bnb
+
+    weight = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state)
+    assert 0.01 < weight.float().std().item() < 0.03  # normal(0, 0.02), within NF4's rounding
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert not (tmp_path / "nf4.partial").exists()
+
+
+def test_benchmark_adapter_check_reproduces_the_runs_held_out_loss(tiny_run):
+    """The FSDP adapter check: the saved adapter, loaded with plain PEFT in a fresh process, gives the
+    held-out loss the run measured on its trained model. Here on a one-process run, where it is exact;
+    an adapter saved without its trained weights would give the base model's loss instead."""
+    from benchmark_parallel import held_out_loss_of_saved_adapter
+
+    out, _ = tiny_run
+    check = held_out_loss_of_saved_adapter(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert check["rows"] == metrics["held_out_rows"] > 0
+    assert check["plain_peft_eval_loss"] == pytest.approx(metrics["eval_loss_after"], abs=1e-4)
+    assert abs(check["plain_peft_eval_loss"] - metrics["eval_loss_before"]) > 1e-3  # the trained weights, not the base
+
+
+def test_fsdp_launch_without_a_gpu_is_a_clear_error(monkeypatch):
+    """accelerate's FSDP would fail deep inside the Trainer, after the model loaded (seen on this CPU)."""
+    from config import parse_config
+    from model_setup import SetupError, resolve_runtime
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(SetupError, match="FSDP config .* no CUDA GPU .* torchrun --nproc_per_node N main.py"):
+        resolve_runtime(parse_config(["--preset", "tiny"]), cuda_available=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert resolve_runtime(parse_config(["--preset", "tiny"]), cuda_available=False).device == "cpu"

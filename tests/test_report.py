@@ -44,3 +44,32 @@ def test_markdown_report_puts_base_and_tuned_side_by_side(tiny_run):
         assert item["prompt"] == prompt and f"### {prompt}" in report
     assert report.count("| base model | fine-tuned |\n|---|---|") == len(metrics["config"]["report_prompts"])
     assert any(item["base"] != item["tuned"] for item in metrics["answers"])
+
+
+def test_base_model_evaluation_keeps_lora_trainable_and_switches_it_off(tiny_model_dir):
+    """The held-out loss before training is the base model's: the adapter is off. Its weights stay
+    marked trainable meanwhile, because FSDP shards the model at that first evaluation and groups
+    weights by trainability (frozen float32 LoRA next to bf16 base weights: 'Must flatten tensors
+    with uniform dtype', seen on 2 H200s). Afterwards the adapter is on again."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from report import adapter_switched_off
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 20, 30]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.5)  # a trained adapter: it changes the output
+        tuned_logits = model(ids).logits
+        assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)
+        with adapter_switched_off(model):
+            assert all(p.requires_grad for p in lora)
+            assert torch.equal(model(ids).logits, base_logits)
+        assert torch.equal(model(ids).logits, tuned_logits)
+    assert all(p.requires_grad for p in lora)
