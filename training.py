@@ -484,6 +484,13 @@ def let_training_wrap(trainer) -> None:
     copy on its own rows, silently, while the logged loss (averaged over the processes) looks right.
     """
     model = trainer.model
+    if trainer.is_fsdp_enabled and trainer.accelerator.unwrap_model(model) is not model:
+        # Under FSDP that evaluation sharded the model and made trainer.model the sharded one, but left
+        # model_wrapped on the unsharded one: train() would then never create its (delayed) optimizer
+        # ("'NoneType' object has no attribute 'param_groups'", seen on 2 H200s). Name the sharded
+        # model as the wrapped one, as train() itself does when it shards.
+        trainer.model_wrapped = model
+        return
     if parallel.world_size() > 1 and not trainer.is_fsdp_enabled and trainer.model_wrapped is model:
         model._is_accelerate_prepared = False
         if model in trainer.accelerator._models:
@@ -514,16 +521,40 @@ def adapter_dir(cfg: Config) -> Path:
 
 
 def gathered_adapter_weights(trainer) -> dict | None:
-    """Under FSDP every process holds a shard of each LoRA matrix: gather them whole into the main
-    process's CPU memory (the frozen 4-bit weights stay where they are). None when the model is
-    whole in this process (one process, or DDP), where save_pretrained reads it directly.
-    Every process must call this: the gathering is collective."""
+    """Under FSDP every process holds a shard of each LoRA matrix: gather them whole, one LoRA matrix
+    at a time (a few MiB), and keep them in the main process's CPU memory; the frozen 4-bit weights
+    are never gathered.
+    None when the model is whole in this process (one process, or DDP), where save_pretrained reads
+    it directly. Every process must call this: each gathering is collective.
+
+    PEFT's FSDP policy (training.wrap_for_fsdp_qlora) makes every LoRA matrix its own FSDP unit, so
+    each is gathered alone. torch's get_model_state_dict(ignore_frozen_params, cpu_offload) would do it
+    in one call, but fails on every process but the first (KeyError on a frozen weight, torch 2.11);
+    gathering to the main process only (rank0_only) crashes on CPU processes (gloo), where the tests run.
+    """
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(trainer.model_wrapped, options=options)
+    weights = {}
+    for name, unit in trainer.model_wrapped.named_modules():
+        if not is_trainable_leaf_unit(unit):
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=False, offload_to_cpu=False):
+            if parallel.is_main_process():
+                prefix = name.replace("_fsdp_wrapped_module.", "")
+                for param_name, param in unit.module.named_parameters(recurse=False):
+                    weights[f"{prefix}.{param_name}"] = param.detach().clone().cpu()
+    return weights
+
+
+def is_trainable_leaf_unit(unit) -> bool:
+    """An FSDP unit around one leaf module with trainable weights: a LoRA matrix under PEFT's policy."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(unit, FSDP):
+        return False
+    return next(unit.module.children(), None) is None and any(p.requires_grad for p in unit.module.parameters())
 
 
 def save_adapter(model, tokenizer, cfg: Config, state_dict: dict | None = None) -> Path:

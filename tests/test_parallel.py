@@ -301,3 +301,48 @@ def test_fsdp_launch_without_a_gpu_is_a_clear_error(monkeypatch):
         resolve_runtime(parse_config(["--preset", "tiny"]), cuda_available=False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert resolve_runtime(parse_config(["--preset", "tiny"]), cuda_available=False).device == "cpu"
+
+
+FSDP_GATHER_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {project!r})
+from peft import LoraConfig, get_peft_model
+from peft.utils.other import fsdp_auto_wrap_policy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from transformers import AutoModelForCausalLM
+import training
+
+dist.init_process_group("gloo")
+model = get_peft_model(AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32),
+                       LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+torch.manual_seed(0)
+with torch.no_grad():
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.normal_()  # trained-looking weights, the same in every process
+expected = {{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+sharded = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True, device_id=torch.device("cpu"))
+trainer = type("Trainer", (), dict(is_fsdp_enabled=True, model_wrapped=sharded))()
+got = training.gathered_adapter_weights(trainer)
+if dist.get_rank() == 0:
+    assert got.keys() == expected.keys(), set(got) ^ set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    print("gathered", len(got))
+else:
+    assert got == {{}}
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_adapter_weights_are_gathered_whole_into_the_main_process(tmp_path, tiny_model_dir):
+    """Under FSDP each process holds a shard of every LoRA matrix; the adapter is saved from these,
+    gathered whole, one matrix at a time, with the names PEFT's save_pretrained expects. Here FSDP
+    shards a tiny PEFT model over two CPU processes (gloo) as the Trainer does on GPUs (PEFT's policy,
+    use_orig_params)."""
+    script = tmp_path / "gather.py"
+    script.write_text(FSDP_GATHER_SCRIPT.format(project=str(PROJECT_DIR), model=str(tiny_model_dir)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gathered 8" in proc.stdout  # 2 layers x (q, v) x (A, B)
