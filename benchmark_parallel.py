@@ -188,7 +188,12 @@ def held_out_loss_of_saved_adapter(run_dir: Path) -> dict:
     train_rows, eval_rows = prepare_datasets(cfg, tokenizer)
     trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, resolve_runtime(cfg))
     held_out = held_out_metrics(trainer)
-    return {"adapter": str(adapter), "plain_peft_eval_loss": held_out.loss, "run_eval_loss": metrics.get("eval_loss_after"),
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    return {"adapter_tensors": len(saved), "lora_B_abs_sum": sum(float(v.float().abs().sum()) for k, v in saved.items() if "lora_B" in k),
+            "adapter": str(adapter), "plain_peft_eval_loss": held_out.loss,
+            "plain_base_eval_loss": held_out_metrics(trainer, base_model=True).loss, "run_base_eval_loss": metrics.get("eval_loss_before"), "run_eval_loss": metrics.get("eval_loss_after"),
             "rows": held_out.rows}
 
 

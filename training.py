@@ -521,16 +521,16 @@ def adapter_dir(cfg: Config) -> Path:
 
 
 def gathered_adapter_weights(trainer) -> dict | None:
-    """Under FSDP every process holds a shard of each LoRA matrix: gather them whole, one LoRA matrix
-    at a time (a few MiB), and keep them in the main process's CPU memory; the frozen 4-bit weights
-    are never gathered.
-    None when the model is whole in this process (one process, or DDP), where save_pretrained reads
-    it directly. Every process must call this: each gathering is collective.
+    """Under FSDP every process holds a shard of each LoRA matrix: gather them whole, one FSDP unit at
+    a time, and keep them in the main process's CPU memory. None when the model is whole in this process
+    (one process, or DDP), where save_pretrained reads it directly. Every process must call this: each
+    gathering is collective.
 
-    PEFT's FSDP policy (training.wrap_for_fsdp_qlora) makes every LoRA matrix its own FSDP unit, so
-    each is gathered alone. torch's get_model_state_dict(ignore_frozen_params, cpu_offload) would do it
-    in one call, but fails on every process but the first (KeyError on a frozen weight, torch 2.11);
-    gathering to the main process only (rank0_only) crashes on CPU processes (gloo), where the tests run.
+    Only units that hold trainable weights are gathered: under PEFT's policy (wrap_for_fsdp_qlora) each
+    LoRA matrix is a unit of its own (a few MiB); the frozen 4-bit weights are never gathered. torch's
+    get_model_state_dict(ignore_frozen_params, cpu_offload) would do it in one call, but fails on every
+    process but the first (KeyError on a frozen weight, torch 2.11); gathering to the main process only
+    (rank0_only) crashes on CPU processes (gloo), where the tests run.
     """
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
@@ -538,23 +538,34 @@ def gathered_adapter_weights(trainer) -> dict | None:
 
     weights = {}
     for name, unit in trainer.model_wrapped.named_modules():
-        if not is_trainable_leaf_unit(unit):
+        own = trainable_weights_of_unit(unit)
+        if not own:
             continue
         with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=False, offload_to_cpu=False):
             if parallel.is_main_process():
-                prefix = name.replace("_fsdp_wrapped_module.", "")
-                for param_name, param in unit.module.named_parameters(recurse=False):
-                    weights[f"{prefix}.{param_name}"] = param.detach().clone().cpu()
+                params = dict(unit.module.named_parameters())
+                for param_name in own:
+                    weights[f"{name}.{param_name}".replace("_fsdp_wrapped_module.", "")] = params[param_name].detach().clone().cpu()
+    if parallel.is_main_process() and not weights:  # never an empty adapter file: say what was found instead
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        units = FSDP.fsdp_modules(trainer.model_wrapped)
+        trainable = sum(p.requires_grad for p in trainer.model_wrapped.parameters())
+        raise SaveFailed(f"no trainable (LoRA) weights were found in the {len(units)} FSDP units of the trained model "
+                         f"({trainable} parameters marked trainable), so no adapter was written; the checkpoints in "
+                         f"{trainer.args.output_dir} hold the trained state")
     return weights
 
 
-def is_trainable_leaf_unit(unit) -> bool:
-    """An FSDP unit around one leaf module with trainable weights: a LoRA matrix under PEFT's policy."""
+def trainable_weights_of_unit(unit) -> list[str]:
+    """The trainable weights an FSDP unit itself holds (not those of the units nested in it), by their
+    names inside it; [] for anything that is not an FSDP unit."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if not isinstance(unit, FSDP):
-        return False
-    return next(unit.module.children(), None) is None and any(p.requires_grad for p in unit.module.parameters())
+        return []
+    return [name for name, param in unit.module.named_parameters()
+            if param.requires_grad and "_fsdp_wrapped_module" not in name]
 
 
 def save_adapter(model, tokenizer, cfg: Config, state_dict: dict | None = None) -> Path:
@@ -571,6 +582,7 @@ def save_adapter(model, tokenizer, cfg: Config, state_dict: dict | None = None) 
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        check_weights_written(staging / "adapter_model.safetensors")
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / "run_config.json")
         name_the_base(staging, cfg.model_name)
@@ -583,6 +595,15 @@ def save_adapter(model, tokenizer, cfg: Config, state_dict: dict | None = None) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return replace_folder(staging, target, cfg.output_dir)
+
+
+def check_weights_written(path: Path) -> None:
+    """An adapter file without a tensor loads silently as the base model: never write one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if not list(f.keys()):
+            raise RuntimeError(f"{path.name} came out empty: the model's state held no adapter weights")
 
 
 def name_the_base(adapter: Path, model_name: str) -> None:

@@ -187,3 +187,16 @@ def test_missing_tensorboard_warns_once_and_training_goes_on(make_config, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     with pytest.warns(UserWarning, match="tensorboard is not installed"):
         assert training.report_to(make_config("--report_to", "tensorboard")) == ["none"]
+
+
+def test_an_adapter_without_weights_is_never_written(make_config):
+    """An adapter file with no tensor loads, silently, as the untrained base model (what a first FSDP
+    run on 2 H200s wrote: its gathered state held no LoRA weight). The save fails instead, and no
+    adapter folder appears."""
+    from training import SaveFailed, adapter_dir
+
+    cfg = make_config()
+    _, tokenizer, model = setup(cfg)
+    with pytest.raises(SaveFailed, match="came out empty"):
+        save_adapter(model, tokenizer, cfg, state_dict={})
+    assert not adapter_dir(cfg).exists()
