@@ -581,11 +581,17 @@ def save_adapter(model, tokenizer, cfg: Config, state_dict: dict | None = None) 
     staging = target.with_name(f".{target.name}.saving")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        if state_dict is None:
+            model.save_pretrained(staging, safe_serialization=True)
+        else:
+            save_gathered_adapter(model, state_dict, staging)
         check_weights_written(staging / "adapter_model.safetensors")
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / "run_config.json")
         name_the_base(staging, cfg.model_name)
+    except SaveFailed:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     except Exception as exc:  # a full disk reaches here as OSError, RuntimeError or SafetensorError
         shutil.rmtree(staging, ignore_errors=True)
         kept = (f"The adapter in {target} from before is untouched" if target.exists() else "No adapter was written")
@@ -597,13 +603,36 @@ def save_adapter(model, tokenizer, cfg: Config, state_dict: dict | None = None) 
     return replace_folder(staging, target, cfg.output_dir)
 
 
+def save_gathered_adapter(model, weights: dict, folder: Path) -> None:
+    """What PEFT's save_pretrained writes (adapter_model.safetensors, adapter_config.json), from LoRA
+    weights gathered out of FSDP shards under their plain names (...q_proj.lora_A.default.weight).
+
+    PEFT (0.21) cannot take them itself: it picks an adapter's weights by the model's module names,
+    which under FSDP include the wrappers' (layers.0._fsdp_wrapped_module.self_attn...), so it keeps
+    none of them and writes an empty adapter (seen on 2 H200s).
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    adapter = model.active_adapter
+    marker = f".{adapter}."  # PEFT's file names drop the adapter's name: lora_A.default.weight -> lora_A.weight
+    tensors = {name.replace(marker, ".", 1): tensor.contiguous() for name, tensor in weights.items() if marker in name}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(model.peft_config[adapter])
+    config.inference_mode = True  # as save_pretrained writes it
+    config.save_pretrained(str(folder))
+
+
 def check_weights_written(path: Path) -> None:
-    """An adapter file without a tensor loads silently as the base model: never write one."""
+    """An adapter file without a tensor loads silently as the untrained base model: never write one."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         if not list(f.keys()):
-            raise RuntimeError(f"{path.name} came out empty: the model's state held no adapter weights")
+            raise SaveFailed(f"the adapter came out empty ({path.name} held no weights), so it was not written: it would "
+                             "load as the untrained base model. This is a bug; please report it with this run's log")
 
 
 def name_the_base(adapter: Path, model_name: str) -> None:

@@ -197,6 +197,6 @@ def test_an_adapter_without_weights_is_never_written(make_config):
 
     cfg = make_config()
     _, tokenizer, model = setup(cfg)
-    with pytest.raises(SaveFailed, match="came out empty"):
+    with pytest.raises(SaveFailed, match="came out empty.*not written"):
         save_adapter(model, tokenizer, cfg, state_dict={})
     assert not adapter_dir(cfg).exists()
