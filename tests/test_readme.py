@@ -17,16 +17,39 @@ def code_blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.M | re.S)
 
 
+LAUNCHERS = ("python", "torchrun", "accelerate")
+
+
 def commands(script: str) -> list[list[str]]:
-    """Each `python main.py ...` / `python inference.py ...` in the README's bash blocks, as argv."""
+    """Each `python main.py ...` / `python inference.py ...` in the README's bash blocks, as argv; also
+    under a launcher (`torchrun ... main.py ...`, `accelerate launch ... main.py ...`), where
+    `[settings]` stands for any settings."""
     found = []
-    for block in code_blocks("bash"):
-        for line in block.splitlines():
-            for part in line.split("&&"):
-                words = shlex.split(part, comments=True)
-                if words[:2] == ["python", script]:
-                    found.append(words[2:])
+    for words in bash_commands():
+        if words and words[0] in LAUNCHERS and script in words:
+            found.append([w for w in words[words.index(script) + 1:] if w != "[settings]"])
     return found
+
+
+def bash_commands() -> list[list[str]]:
+    return [shlex.split(part, comments=True) for block in code_blocks("bash") for line in block.splitlines()
+            for part in line.split("&&")]
+
+
+def test_readme_launch_configs_exist():
+    """The several-GPU commands name accelerate configs that ship with the project."""
+    configs = [words[words.index("--config_file") + 1] for words in bash_commands() if "--config_file" in words]
+    assert configs, "README.md shows no accelerate launch command"
+    assert all((PROJECT_DIR / path).is_file() for path in configs), configs
+
+
+@pytest.mark.parametrize("argv", commands("quantize.py"), ids=" ".join)
+def test_readme_quantize_commands_are_valid(argv):
+    from transformers import HfArgumentParser
+
+    from quantize import QuantizeArgs
+
+    HfArgumentParser(QuantizeArgs).parse_args_into_dataclasses(args=argv)
 
 
 def test_readme_python_examples_run(tiny_run, tmp_path):
