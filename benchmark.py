@@ -501,7 +501,7 @@ def report(results: dict[str, dict], cases: dict[str, Case], shape: dict, mean_l
         lines.append(f"| {name} | {cases[name].what} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | "
                      f"{r['slowest_over_median']:.2f} | {peak_gib} | {mfu} | {r.get('load_s', 0):.0f} |")
     lines += ["", loss_check(results), "", *e2e_lines(results), "", *error_lines(results),
-              f"", f"peak bf16 matmul {peak or 0:.0f} TFLOP/s (median over cases), mean row {mean_len:.1f} tokens, "
+              "", f"peak bf16 matmul {peak or 0:.0f} TFLOP/s (median over cases), mean row {mean_len:.1f} tokens, "
               f"{fpt / 1e9:.1f} GFLOP per token"]
     return "\n".join(lines)
 

@@ -216,7 +216,7 @@ def placement(runtime: Runtime, sharded: bool, prequantized: bool) -> tuple[dict
     if sharded and prequantized:
         return {"": "cpu"}, "FSDP: the 4-bit checkpoint loads into CPU memory; each GPU receives only its shard"
     if sharded:
-        return {"": runtime.device}, (f"FSDP: each GPU quantises the whole model while loading, then keeps its shard; "
+        return {"": runtime.device}, ("FSDP: each GPU quantises the whole model while loading, then keeps its shard; "
                                       "if the 4-bit model does not fit one GPU, convert it once with quantize.py")
     return {"": runtime.device}, runtime.device
 

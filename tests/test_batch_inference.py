@@ -7,7 +7,7 @@ import pytest
 
 import batch_inference
 from batch_inference import run_batch
-from inference import GenerationSettings, InferenceError, answer, conversation, generate_batch, load_for_inference
+from inference import GenerationSettings, InferenceError, answer, generate_batch, load_for_inference
 
 SETTINGS = GenerationSettings(max_new_tokens=24)
 PROMPTS = ["What is the chemical symbol for gold?", "How many continents are there on Earth?", "Hi",

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import data_preparation as dp
 from conftest import PROJECT_DIR
