@@ -358,3 +358,41 @@ def test_an_fsdp_trained_adapter_reloads_with_plain_peft_to_the_trained_logits(t
     saved, difference, untrained = int(words[1]), float(words[3]), float(words[5])
     assert saved == 8  # 2 layers x (q, v) x (A, B)
     assert difference < 1e-5 < untrained
+
+
+MAPPED_LOAD_SCRIPT = """
+import re, sys, torch
+sys.path.insert(0, {project!r})
+from transformers import AutoModelForCausalLM
+from model_setup import Runtime, placement
+
+def anonymous_mib():  # memory this process owns (not file pages it maps, which processes share)
+    return int(re.search(r"Anonymous:\\s+(\\d+)", open("/proc/self/smaps_rollup").read()).group(1)) / 1024
+
+device_map, _ = placement(Runtime("cuda:0", torch.float32, "test"), sharded=True, prequantized=True)
+AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32, device_map=device_map)  # warm-up: the
+# first load imports bitsandbytes and the model code, ~130 MiB of this process's own memory
+before = anonymous_mib()
+model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32, device_map=device_map)
+print(device_map, anonymous_mib() - before)
+"""
+
+
+def test_fsdp_processes_map_the_4bit_checkpoint_instead_of_copying_it(tmp_path):
+    """Under FSDP every process loads the 4-bit checkpoint into CPU memory before FSDP moves its shard
+    to its GPU. The weights stay memory-mapped from the files (the OS keeps one copy for all the
+    processes of a machine); a process that copied them would add their size in memory of its own."""
+    from benchmark_parallel import build_random_4bit
+
+    shape = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=256)
+    folder = build_random_4bit(tmp_path / "nf4", shape, tokenizer_dir=None, device="cpu")
+    size_mib = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+    script = tmp_path / "load.py"
+    script.write_text(MAPPED_LOAD_SCRIPT.format(project=str(PROJECT_DIR), folder=str(folder)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    device_map, grown_mib = proc.stdout.split("}")[0] + "}", float(proc.stdout.split("}")[1])
+    assert device_map == "{'': 'cpu'}"
+    assert size_mib > 100 and grown_mib < 0.2 * size_mib, (size_mib, grown_mib)
