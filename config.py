@@ -456,5 +456,13 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config_to_dict(cfg), f, indent=2)
+    """Write the settings whole or not at all (a temporary file renamed into place): a kill or a full
+    disk mid-write never leaves a truncated run_config.json for a resume to trip on."""
+    temporary = f"{path}.partial"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(config_to_dict(cfg), f, indent=2)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -539,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         args, prompt = parse_args(argv)
         return run(args, prompt)
     except (InferenceError, SetupError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        hint = "" if "--help" in str(exc) else "\n(`python inference.py --help` lists every option)"
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -158,7 +158,10 @@ def checkpoint_problem(folder: Path) -> str | None:
     state = folder / "trainer_state.json"
     if not state.is_file():
         return "it has no trainer_state.json (the save did not finish)"
-    for name in ("trainer_state.json", "adapter_config.json"):
+    # run_config.json (the run's settings, which resume checks against) may be absent in a checkpoint
+    # written before it was recorded; present, it must be whole.
+    optional = [name for name in ("run_config.json",) if (folder / name).exists()]
+    for name in ("trainer_state.json", "adapter_config.json", *optional):
         problem = json_problem(folder / name)
         if problem:
             return problem

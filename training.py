@@ -251,7 +251,11 @@ class CheckpointBookkeeping(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            save_config(self.cfg, folder / "run_config.json")
+            try:
+                save_config(self.cfg, folder / "run_config.json")
+            except OSError as exc:  # a full disk: the Trainer's part of the checkpoint is whole, this is not
+                raise SaveFailed(save_failed_message("checkpoint", folder, exc, f"{folder.name} lacks its run_config.json; "
+                                                     f"{describe_checkpoints(args.output_dir)}.")) from exc
         if self.earlier is not None:
             self.earlier.drop()
 

@@ -201,6 +201,7 @@ def test_bad_generation_flags_exit_2_before_loading(untrained_adapter, capsys, f
     assert main(["--adapter", str(untrained_adapter[0]), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert err.count("--help") == 1  # every error points to the options once (issue 9)
 
 
 def test_merge_to_an_existing_file_is_refused(untrained_adapter, tmp_path, capsys):

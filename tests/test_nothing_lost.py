@@ -203,6 +203,8 @@ BREAKAGES = {
     "truncated trainer_state.json": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is truncated"),
     "truncated optimizer.pt": (lambda c: truncate(c / "optimizer.pt", 0.9), "optimizer.pt is truncated"),
     "truncated adapter": (lambda c: truncate(c / "adapter_model.safetensors", 0.9), "adapter_model.safetensors is truncated"),
+    # the run's settings, which resume compares against (shape_changes): a broken one was a JSONDecodeError traceback
+    "truncated run_config.json": (lambda c: truncate(c / "run_config.json"), "run_config.json is truncated"),
 }
 
 
@@ -280,3 +282,29 @@ def test_a_full_disk_during_the_adapter_save_keeps_the_previous_adapter(run_copy
     assert tree(run_copy / "tiny-llama-finetune") == adapter_before
     assert run_files.checkpoint_problem(run_copy / "checkpoint-4") is None  # training is safe: resume finishes it
     assert not list(run_copy.glob(".*.saving"))
+
+
+def test_a_full_disk_while_recording_a_checkpoints_settings_is_a_clear_error(run_copy, monkeypatch, capsys):
+    """run_config.json is written into each checkpoint after the Trainer's own files. A full disk there
+    was an OSError traceback; now it is the checkpoint save's error, and no truncated file is left."""
+    import errno
+
+    import config
+    import training
+
+    shutil.rmtree(run_copy / "checkpoint-4")
+    real = config.json.dump
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "checkpoint-4" in getattr(f, "name", ""):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(config.json, "dump", full_disk)
+    monkeypatch.setattr(training, "save_config", config.save_config)
+    assert main.main(SHORT + ["--output_dir", run_copy, "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "lacks its run_config.json" in err and "Traceback" not in err
+    assert not (run_copy / "checkpoint-4" / "run_config.json").exists()
+    assert not (run_copy / "checkpoint-4" / "run_config.json.partial").exists()
+    assert not (run_copy / run_files.LOCK_NAME).exists()
