@@ -12,12 +12,14 @@ stops on chat_format.stop_token_ids. The adapter folder holds the config it was 
 
 Decoding is always plain `model.generate`; what changes is only how the same function is computed:
 the 4-bit weights may be kept dequantised (the very values the 4-bit kernels compute with) and,
-on a GPU, the decoding step compiled with a static KV cache. Greedy output is token for token that
-of plain generate on the loaded model (tests check it on the CPU in float32).
+on a GPU, the decoding step compiled with a static KV cache, and the check for finished rows made
+one step late so that the host queues each step while the GPU runs the one before. Greedy output is
+token for token that of plain generate on the loaded model (tests check it on the CPU in float32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -297,6 +299,7 @@ class DecodingPlan:
     dequantize: bool
     compile: bool
     reason: str
+    defer_stop_check: bool = True  # on a GPU: see stop_check_deferred
 
 
 def free_memory_bytes(runtime) -> int:
@@ -341,7 +344,9 @@ def plan_decoding(dequantize: str, compile_: str, quantized: bool, is_cuda: bool
         why = ("a GPU, many rows and compilable weights" if comp else "no GPU" if not is_cuda else
                "one answer or a chat: compiling costs more than it saves" if not many_rows else "4-bit layers do not compile")
         reasons.append(f"compile {'yes' if comp else 'no'} (auto: {why})")
-    return DecodingPlan(deq, comp, "; ".join(reasons))
+    if is_cuda:
+        reasons.append("stop check one step late (the host queues each step while the GPU runs the last)")
+    return DecodingPlan(deq, comp, "; ".join(reasons), defer_stop_check=is_cuda)
 
 
 def weight_count(model) -> int:
@@ -369,8 +374,20 @@ def load_for_inference(adapter: Path, base: str | None = None, quantized: bool |
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except Exception as exc:  # shape mismatch, bad safetensors, ...
         raise InferenceError(f"could not load the adapter in {adapter} onto {cfg.model_name!r}: {exc}") from exc
+    adapter_in_compute_dtype(model, runtime.compute_dtype)
     model.eval()
     return model, tokenizer, cfg, plan
+
+
+def adapter_in_compute_dtype(model, compute_dtype: torch.dtype) -> None:
+    """LoRA weights in the compute dtype, the precision training's autocast ran them in.
+
+    PEFT loads them in float32, which turns each LoRA product into a float32 matmul with casts of the
+    activations around it: on a GPU in bf16, slower for a function that training never computed.
+    """
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != compute_dtype:
+            param.data = param.data.to(compute_dtype)
 
 
 # ---------------------------------------------------------------------------- generating
@@ -414,6 +431,36 @@ def generate_kwargs_for(plan: DecodingPlan | None, max_len: int) -> dict:
     return dict(cache_implementation="static", max_cache_len=-(-max_len // 256) * 256, compile_config=compile_config)
 
 
+@contextlib.contextmanager
+def stop_check_deferred(enabled: bool):
+    """Within this block, generate() reads "are all rows finished?" one step late, on any device.
+
+    Reading that flag every step makes the host wait for the GPU, so the GPU then idles while the
+    host prepares the next step (a few ms per token: half the step at batch 1). transformers has the
+    cure, DeferredStopCheck: the flag is copied asynchronously and read a step later, and the one
+    extra step that this runs past the end is undone, so the tokens are the same. transformers 5
+    turns it on only for Apple's mps devices ("enable it for cuda if we observe perf gains": a 7B
+    model on an H200 decodes 25-45% faster, BENCHMARKS.md); this lifts only the device condition.
+    Without that class (another transformers version), generate runs as it is.
+    """
+    from transformers.generation import utils as generation_utils
+
+    deferred = getattr(generation_utils, "DeferredStopCheck", None)
+    original = getattr(deferred, "__dict__", {}).get("is_supported")
+    if not enabled or not isinstance(original, staticmethod):
+        yield
+        return
+
+    def is_supported(device, *args, **kwargs):  # transformers' own rules, with the device taken as mps
+        return original.__func__(torch.device("mps"), *args, **kwargs)
+
+    deferred.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        deferred.is_supported = original
+
+
 def generate_batch(model, tokenizer, prompts: list[list[int]], settings: GenerationSettings, plan: DecodingPlan | None = None,
                    max_new_tokens: list[int] | None = None, streamer=None) -> list[Answer]:
     """One generate() call on prompts left-padded to the same length; an Answer per prompt.
@@ -421,6 +468,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Generat
     Left padding with an attention mask that is 0 on the padding: generate then numbers each row's
     positions from its first real token, so a row's answer is the one it gets alone. A row whose
     max_new_tokens is below the batch's is cut at its own limit (greedy: the same tokens it gets alone).
+    On a GPU the stop check is deferred (stop_check_deferred) unless the plan says otherwise.
     """
     limits = max_new_tokens or [settings.max_new_tokens] * len(prompts)
     width = max(len(p) for p in prompts)
@@ -428,7 +476,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Generat
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     model.eval()
-    with torch.inference_mode():
+    defer = model.device.type == "cuda" and (plan is None or plan.defer_stop_check)
+    with torch.inference_mode(), stop_check_deferred(defer):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max(limits),
                              streamer=streamer, **settings.generate_kwargs(tokenizer),
                              **generate_kwargs_for(plan, width + max(limits)))

@@ -17,7 +17,7 @@ def test_smoke_mode_measures_and_checks_tokens(tmp_path, tiny_model_dir):
     results = json.loads((tmp_path / "out" / "generation.json").read_text())["results"]
     fast = results["nf4_fast_b32"]
     assert fast["batch"] == 4 and fast["tokens_per_s"] > 0 and "dequantise yes" in fast["plan"]
-    assert fast["same_tokens_as_plain"] == "4 of 4 rows"  # dequantised weights: the plain case's greedy tokens
+    assert fast["same_tokens_as_plain"] == "4 of 4 rows (vs nf4_plain_b32)"  # dequantised weights: the plain case's greedy tokens
     assert "4-bit copy loaded from" in results["load_cached"]["note"] and results["load_cached"]["cache_gib"] > 0
     chat = results["chat_ttft"]
     assert chat["returncode"] == 0 and chat["answer_chars"] > 1 and 0 < chat["first_token_s"] <= chat["reply_s"]

@@ -11,8 +11,9 @@ import data_preparation as dp
 from chat_format import prompt_ids, stop_token_ids
 from config import ConfigError, parse_config
 from conftest import PROJECT_DIR
-from inference import (DecodingPlan, GenerationSettings, InferenceError, answer, answer_many, conversation, load_for_inference,
-                       main, plan_decoding, read_adapter_config)
+from inference import (DecodingPlan, GenerationSettings, InferenceError, adapter_in_compute_dtype, answer, answer_many,
+                       conversation, generate_batch, load_for_inference, main, plan_decoding, read_adapter_config,
+                       stop_check_deferred)
 from model_setup import add_lora, load_base_model, load_tokenizer, resolve_runtime
 from training import save_adapter
 
@@ -121,14 +122,100 @@ def test_dequantized_weights_give_plain_generate_tokens(trained, dequantized):
         assert answer(model, tokenizer, question, settings).token_ids == plain_generate(trained[0], trained[1], question, 32)
 
 
-def test_compiled_static_cache_gives_plain_generate_tokens(trained, dequantized):
-    """The GPU fast path (static KV cache + torch.compile), compiled here on the CPU: the same greedy tokens."""
+@pytest.fixture
+def deferred_checks(monkeypatch):
+    """stop_check_deferred made usable on the CPU, and a count of the generate() calls that deferred.
+
+    transformers' DeferredStopCheck waits on torch.Event, which a CPU lacks; with no streams there,
+    a copy is complete when issued, so an event that does nothing is exact.
+    """
+    from transformers.generation import utils as generation_utils
+
+    class DoneEvent:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(torch, "Event", DoneEvent)
+    uses = []
+    real_init = generation_utils.DeferredStopCheck.__init__
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "__init__",
+                        lambda self, *args, **kwargs: (uses.append(1), real_init(self, *args, **kwargs))[1])
+    return uses
+
+
+def test_compiled_static_cache_gives_plain_generate_tokens(trained, dequantized, deferred_checks):
+    """The GPU fast path (static KV cache + torch.compile, the stop check deferred), compiled here on the CPU:
+    the same greedy tokens, for rows that stop at different steps."""
     model, tokenizer = dequantized
     plan = DecodingPlan(dequantize=True, compile=True, reason="test")
     settings = GenerationSettings(max_new_tokens=32)
     conversations = [conversation(q) for q in QUESTIONS[:3]]
+    reference = [plain_generate(trained[0], trained[1], q, 32) for q in QUESTIONS[:3]]
     compiled = answer_many(model, tokenizer, conversations, settings, plan, batch_size=3)
-    assert [a.token_ids for a in compiled] == [plain_generate(trained[0], trained[1], q, 32) for q in QUESTIONS[:3]]
+    assert [a.token_ids for a in compiled] == reference
+    with stop_check_deferred(True):
+        compiled_deferred = answer_many(model, tokenizer, conversations, settings, plan, batch_size=3)
+    assert deferred_checks and [a.token_ids for a in compiled_deferred] == reference
+    assert {a.stop_reason for a in compiled_deferred} == {a.stop_reason for a in compiled}
+
+
+def test_deferred_stop_check_gives_the_same_tokens_and_stream(trained, deferred_checks):
+    """Reading "all rows finished?" a step late runs one step past the end, which generate undoes:
+    the tokens, the stop reasons and the streamed text are those of the plain loop."""
+    from chat import make_streamer
+
+    model, tokenizer, _ = trained
+    settings = GenerationSettings(max_new_tokens=40)
+    conversations = [conversation(q) for q in QUESTIONS]
+    plain = answer_many(model, tokenizer, conversations, settings, batch_size=len(QUESTIONS))
+    with stop_check_deferred(True):
+        deferred = answer_many(model, tokenizer, conversations, settings, batch_size=len(QUESTIONS))
+    assert len(deferred_checks) == 1
+    assert [(a.token_ids, a.tokens, a.stop_reason) for a in deferred] == [(a.token_ids, a.tokens, a.stop_reason) for a in plain]
+    assert any(a.stop_reason == "stop" for a in plain)  # rows that finish early: the step past the end is undone
+    streams = []
+    for enabled in (False, True):
+        text = __import__("io").StringIO()
+        with stop_check_deferred(enabled):
+            generate_batch(model, tokenizer, [prompt_ids(tokenizer, conversations[1])], settings,
+                           streamer=make_streamer(tokenizer, text))
+        streams.append(text.getvalue())
+    assert len(deferred_checks) == 2 and streams[0] == streams[1] and streams[0].strip()
+
+
+def test_deferred_stop_check_is_only_inside_its_block(trained, deferred_checks):
+    from transformers.generation import utils as generation_utils
+
+    with stop_check_deferred(True):
+        assert generation_utils.DeferredStopCheck.is_supported(torch.device("cuda"), None, False, False)
+    assert not generation_utils.DeferredStopCheck.is_supported(torch.device("cuda"), None, False, False)
+    with stop_check_deferred(False):
+        answer_many(trained[0], trained[1], [conversation("Hi")], GenerationSettings(max_new_tokens=4))
+    assert not deferred_checks
+
+
+def test_plan_defers_the_stop_check_on_a_gpu_only():
+    for is_cuda in (True, False):
+        plan = plan_decoding("no", "no", quantized=True, is_cuda=is_cuda, n_weights=10, dtype_bytes=2, free_bytes=10**12,
+                             many_rows=False)
+        assert plan.defer_stop_check is is_cuda and ("stop check one step late" in plan.reason) is is_cuda
+
+
+def test_adapter_weights_take_the_compute_dtype(untrained_adapter):
+    """LoRA weights in bf16 on a bf16 GPU, as autocast ran them in training; nothing else changes dtype."""
+    _, model, _, _ = untrained_adapter
+    before = {name: p.dtype for name, p in model.named_parameters()}
+    adapter_in_compute_dtype(model, torch.bfloat16)
+    after = {name: p.dtype for name, p in model.named_parameters()}
+    lora = [name for name in after if "lora_" in name]
+    assert lora and all(after[name] == torch.bfloat16 for name in lora)
+    assert {name: d for name, d in after.items() if name not in lora} == {name: d for name, d in before.items() if name not in lora}
 
 
 @pytest.mark.parametrize("dequantize, compile_, free_gib, many, expected", [
