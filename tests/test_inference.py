@@ -200,6 +200,18 @@ def test_deferred_stop_check_is_only_inside_its_block(trained, deferred_checks):
     assert not deferred_checks
 
 
+def test_deferral_is_skipped_on_a_transformers_without_it(monkeypatch):
+    """Another transformers version may lack DeferredStopCheck or change it: then generate runs as it is."""
+    from transformers.generation import utils as generation_utils
+
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "is_supported", lambda *args: False)  # not a staticmethod
+    with stop_check_deferred(True):
+        assert generation_utils.DeferredStopCheck.is_supported(torch.device("cuda"), None, False, False) is False
+    monkeypatch.delattr(generation_utils, "DeferredStopCheck")
+    with stop_check_deferred(True):
+        pass
+
+
 def test_plan_defers_the_stop_check_on_a_gpu_only():
     for is_cuda in (True, False):
         plan = plan_decoding("no", "no", quantized=True, is_cuda=is_cuda, n_weights=10, dtype_bytes=2, free_bytes=10**12,
