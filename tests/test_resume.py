@@ -3,6 +3,7 @@ settings that change the weights' shapes are refused."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,14 @@ def test_resuming_with_other_weight_shapes_is_refused(run_copy, capsys, change, 
 def test_resuming_an_older_checkpoint_would_overwrite_newer_ones(run_copy, capsys):
     assert main.main(SHORT + ["--output_dir", run_copy, "--resume", run_copy / "checkpoint-2"]) == 2
     assert "checkpoint-4 in" in capsys.readouterr().err
+
+
+def test_resuming_on_another_base_model_is_refused(run_copy, tiny_model_dir, tmp_path, capsys):
+    """A checkpoint's LoRA weights belong to the base they were trained on: another base of the very same
+    shapes (a copy of the tiny model under another name) would load them silently, so resume refuses it."""
+    other_base = Path(shutil.copytree(tiny_model_dir, tmp_path / "another-base"))
+    before = tree(run_copy)
+    assert main.main(SHORT + ["--output_dir", run_copy, "--resume", "latest", "--model_name", other_base]) == 2
+    err = capsys.readouterr().err
+    assert "model_name='tiny-llama' in the checkpoint" in err and str(other_base) in err and "Traceback" not in err
+    assert tree(run_copy) == before
