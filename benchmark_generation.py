@@ -18,7 +18,8 @@ Cases (each a fresh process, so no case inherits another's compiled kernels or w
 - load_quantise / load_cached: loading the 4-bit base + adapter without / with the saved 4-bit copy.
 - chat_ttft: the chat command line (inference.main --chat, one line on stdin) in a process started
   for it: seconds from the start of that process to the first generated token, and to the end of
-  the answer.
+  the answer, with the time each stage was reached. Run it after load_cached or an nf4 case, so that
+  the 4-bit copy exists (its notes say whether the chat had to quantise).
 
 Reported per case: new tokens per second (timed on a second, identical call, after a warm-up call
 that pays for the compilation; its time is reported too), and for the fast cases whether their
@@ -120,9 +121,11 @@ def reference_if_plain(plan, compile_: str):
     """The plain cases are the reference: transformers' generate exactly as it comes, stop check included."""
     import dataclasses
 
+    from inference import DEFERRED_STOP_REASON
+
     if compile_ == "yes":
         return plan
-    return dataclasses.replace(plan, defer_stop_check=False, reason=plan.reason.split("; stop check")[0])
+    return dataclasses.replace(plan, defer_stop_check=False, reason=plan.reason.replace(f"; {DEFERRED_STOP_REASON}", ""))
 
 
 def run_generation_case(name: str, adapter: Path, base_dir: Path, cache: Path, new_tokens: int) -> dict:
@@ -171,7 +174,8 @@ def profile_decoding(model, tokenizer, rows: list[list[int]], plan, new_tokens: 
     events = prof.key_averages()
     device_us = lambda e: getattr(e, "self_device_time_total", 0)  # noqa: E731
     count = lambda key: sum(e.count for e in events if e.key == key)  # noqa: E731
-    top = sorted(events, key=device_us, reverse=True)[:12]
+    kernels = [e for e in events if is_kernel(e)]
+    top = sorted(kernels, key=device_us, reverse=True)[:12]
     host = cProfile.Profile()
     start = time.perf_counter()
     host.runcall(generate_batch, model, tokenizer, rows, settings, plan)
@@ -181,13 +185,22 @@ def profile_decoding(model, tokenizer, rows: list[list[int]], plan, new_tokens: 
     python_top = [(f"{Path(f).name}:{line}({fn})", round(tt / new_tokens * 1e3, 3))
                   for (f, line, fn), (_, _, tt, _, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]]
     return {"profile": {"new_tokens": new_tokens, "wall_ms_per_step": wall / new_tokens * 1e3,
-                        "gpu_busy_ms_per_step": sum(device_us(e) for e in events) / 1e3 / new_tokens,
+                        "gpu_busy_ms_per_step": sum(device_us(e) for e in kernels) / 1e3 / new_tokens,
                         "kernel_launches_per_step": count("cudaLaunchKernel") / new_tokens,
                         "graph_launches_per_step": count("cudaGraphLaunch") / new_tokens,
                         "syncs_per_step": (count("cudaStreamSynchronize") + count("cudaDeviceSynchronize")) / new_tokens,
                         "top_kernels_ms": [(e.key[:90], e.count, round(device_us(e) / 1e3, 2)) for e in top],
                         "cprofile_wall_ms_per_step": host_wall / new_tokens * 1e3,
                         "python_top_ms_per_step": python_top}}
+
+
+def is_kernel(event) -> bool:
+    """A GPU kernel or copy, not a span that contains them (a compiled graph's "## Call ... ##" annotation)
+    or the profiler's own buffer work: summing those counted GPU time twice."""
+    from torch.autograd import DeviceType
+
+    return (getattr(event, "device_type", None) == DeviceType.CUDA and not event.key.startswith("## ")
+            and event.key not in ("Activity Buffer Request", "Buffer Flush"))
 
 
 def run_load_case(name: str, adapter: Path, cache: Path) -> dict:

@@ -294,6 +294,9 @@ def load_base(cfg: Config, runtime, quantized: bool, cache_root: Path | None, sa
 
 # ---------------------------------------------------------------------------- how to decode
 
+DEFERRED_STOP_REASON = "stop check one step late (the host queues each step while the GPU runs the last)"
+
+
 @dataclass
 class DecodingPlan:
     dequantize: bool
@@ -345,7 +348,7 @@ def plan_decoding(dequantize: str, compile_: str, quantized: bool, is_cuda: bool
                "one answer or a chat: compiling costs more than it saves" if not many_rows else "4-bit layers do not compile")
         reasons.append(f"compile {'yes' if comp else 'no'} (auto: {why})")
     if is_cuda:
-        reasons.append("stop check one step late (the host queues each step while the GPU runs the last)")
+        reasons.append(DEFERRED_STOP_REASON)
     return DecodingPlan(deq, comp, "; ".join(reasons), defer_stop_check=is_cuda)
 
 
