@@ -129,14 +129,13 @@ def rendered_ids(tokenizer, template: str) -> list[int] | None:
 
 
 def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str = "", say=print) -> Path:
-    """Write `model` (a merged Llama) and its tokenizer to `path`, through a temporary file."""
+    """Write `model` (a merged Llama) and its tokenizer to `path` (merging.export_gguf gives a staging file)."""
     import gguf
 
     config = model.config
     if config.model_type != "llama":
         raise InferenceError(f"GGUF export supports the Llama architecture; this model is {config.model_type!r}")
-    staging = path.with_name(f".{path.name}.writing")
-    writer = gguf.GGUFWriter(str(staging), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama")
     head_dim = config.hidden_size // config.num_attention_heads
     writer.add_name(name or "fine-tuned llama")
     writer.add_context_length(config.max_position_embeddings)
@@ -160,12 +159,15 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str = "", say
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    finally:
         writer.close()
-        staging.rename(path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
     return path
+
+
+def gguf_bytes(model, gguf_type: str) -> int:
+    """About the file's size: 2 bytes a weight in f16, 34 bytes per 32 weights in q8_0 (norms stay float32)."""
+    per_weight = 2.0 if gguf_type == "f16" else 34 / 32
+    return int(sum(p.numel() * (4 if p.dim() == 1 else per_weight) for p in model.state_dict().values()))
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int, say) -> None:
@@ -187,30 +189,31 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, say) -> None:
         say("GGUF export: no chat template reproduces the training format for this tokenizer; none written")
 
 
-def check_gguf(path: Path, model, gguf_type: str) -> str:
+def check_gguf(path: Path, model, gguf_type: str, shown_as: Path | None = None) -> str:
     """Read the file back: every tensor present, shapes and types as written, values within the type's rounding.
 
     Raises InferenceError naming the first tensor that is wrong; returns a one-line summary.
     """
     import gguf
 
+    name_of_file = shown_as or path  # the staging file is read; the user knows it by its final name
     reader = gguf.GGUFReader(str(path))
     found = {t.name: t for t in reader.tensors}
     expected = gguf_tensors(model)
     missing = [name for name, _ in expected if name not in found]
     if missing or len(found) != len(expected):
-        raise InferenceError(f"{path}: tensors missing {missing[:5]} or extra ({len(found)} read, {len(expected)} expected)")
+        raise InferenceError(f"{name_of_file}: tensors missing {missing[:5]} or extra ({len(found)} read, {len(expected)} expected)")
     worst = 0.0
     for name, data in expected:
         tensor = found[name]
         if tensor.tensor_type != storage_type(data, gguf_type):
-            raise InferenceError(f"{path}: {name} is {tensor.tensor_type.name}, expected {storage_type(data, gguf_type).name}")
+            raise InferenceError(f"{name_of_file}: {name} is {tensor.tensor_type.name}, expected {storage_type(data, gguf_type).name}")
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(data.shape)
         scale = max(float(np.abs(data).max()), 1e-30)
         error = float(np.abs(values.astype(np.float32) - data).max()) / scale
         limit = 0.0 if tensor.tensor_type == gguf.GGMLQuantizationType.F32 else TOLERANCE[gguf_type]
         if error > limit:
-            raise InferenceError(f"{path}: {name} differs from the merged model by {error:.2e} of its largest value (limit {limit:.2e})")
+            raise InferenceError(f"{name_of_file}: {name} differs from the merged model by {error:.2e} of its largest value (limit {limit:.2e})")
         worst = max(worst, error)
     return (f"GGUF check: {len(expected)} tensors present with the expected shapes and types; dequantised values "
             f"within {worst:.2e} of each tensor's largest |value| of the merged model ({gguf_type} allows {TOLERANCE[gguf_type]:.2e})")

@@ -19,23 +19,26 @@ token for token that of plain generate on the loaded model (tests check it on th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from chat_format import ConversationError, prompt_ids, stop_token_ids
 from config import Config, ConfigError, generation_problems, validate_config
 from model_setup import (DTYPES, SetupError, load_base_model, load_tokenizer, quiet_library_noise, resolve_model_path,
                          resolve_runtime)
+from run_files import json_problem, safetensors_problem
+from staging import discard, place, publish_permissions, staging_folder
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CHOICES_AUTO = ("auto", "yes", "no")
@@ -113,6 +116,8 @@ def argument_problems(args: InferenceArgs, prompt: str | None) -> list[str]:
         problems.append("nothing to do: give a prompt to answer, --chat, --input FILE --output FILE, --merge-to DIR or --export-gguf FILE")
     elif len(modes) > 1:
         problems.append(f"choose one of: a prompt, --chat, --input, --merge-to, --export-gguf (got {', '.join(modes)})")
+    if len(modes) == 1:
+        problems += unused_flags(args, modes[0])
     if bool(args.input) != bool(args.output):
         problems.append("--input and --output go together: --input prompts.jsonl --output answers.jsonl")
     if args.input and args.output and Path(args.input).resolve() == Path(args.output).resolve():
@@ -126,12 +131,50 @@ def argument_problems(args: InferenceArgs, prompt: str | None) -> list[str]:
         problems.append(f"--batch_size={args.batch_size} must be >= 1, or 0 for auto")
     if args.check_rows < 0:
         problems.append(f"--check_rows={args.check_rows} must be >= 0")
+    if not args.quantized_cache.strip():
+        problems.append("--quantized_cache is empty: give a folder, or 'off' to never save the 4-bit copy")
     for flag, target in (("--merge-to", args.merge_to), ("--export-gguf", args.export_gguf)):
         if target:
             problems += target_problems(flag, Path(target), want_folder=flag == "--merge-to")
+            problems += run_owned_problems(flag, Path(target), Path(args.adapter))
     if args.no_4bit and args.dequantize == "yes":
         problems.append("--no_4bit loads unquantised weights: there is nothing to dequantise; drop --dequantize yes")
     return problems
+
+
+# The flags each mode uses; any other flag given away from its default is refused, not ignored.
+GENERATION_FLAGS = ("base", "max_new_tokens", "do_sample", "temperature", "top_p", "system_prompt", "no_4bit",
+                    "dequantize", "compile", "quantized_cache")
+MODE_FLAGS = {
+    "a prompt": GENERATION_FLAGS,
+    "--chat": GENERATION_FLAGS,
+    "--input": GENERATION_FLAGS + ("batch_size",),
+    "--merge-to": ("base", "merge_base", "merge_dtype", "check_rows"),
+    "--export-gguf": ("base", "merge_base", "merge_dtype", "gguf_type"),
+}
+ALWAYS_FLAGS = ("adapter", "chat", "input", "output", "merge_to", "export_gguf")
+
+
+def unused_flags(args: "InferenceArgs", mode: str) -> list[str]:
+    """Each flag set away from its default that `mode` would not use (a silently ignored flag misleads)."""
+    used = MODE_FLAGS[mode] + ALWAYS_FLAGS
+    given = [f.name for f in dataclasses.fields(args) if f.name not in used and getattr(args, f.name) != f.default]
+    return [f"--{name} does not apply to {mode}; drop it" for name in given]
+
+
+def run_owned_problems(flag: str, target: Path, adapter: Path) -> list[str]:
+    """A target inside the adapter folder or another folder of its run would go with the run's next --overwrite."""
+    from run_files import earlier_run_files
+
+    run_dir = adapter.resolve().parent
+    try:
+        first = Path(os.path.realpath(target)).relative_to(run_dir).parts[0]
+    except (ValueError, IndexError):
+        return []
+    if first in earlier_run_files(run_dir, adapter.name) and Path(os.path.realpath(target)) != run_dir / first:
+        return [f"{flag} {str(target)!r} is inside {str(run_dir / first)!r}, which belongs to the training run "
+                "(its next --overwrite replaces it): choose a place outside it"]
+    return []
 
 
 def target_problems(flag: str, target: Path, want_folder: bool) -> list[str]:
@@ -147,12 +190,22 @@ def target_problems(flag: str, target: Path, want_folder: bool) -> list[str]:
     return []
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows the defaults its help texts do not name."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, "", False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[InferenceArgs, str | None]:
     """(arguments, prompt or None); raises InferenceError listing every problem."""
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(InferenceArgs, description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    parser = HfArgumentParser(InferenceArgs, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the question to answer")
 
     def fail(message: str):
@@ -267,29 +320,75 @@ def load_base(cfg: Config, runtime, quantized: bool, cache_root: Path | None, sa
     """The base as training saw it (4-bit), loaded from the saved 4-bit copy when there is one.
 
     Quantising the fp16 weights to NF4 is most of a 7B load; the 4-bit copy (about a quarter of
-    the fp16 size on disk) is written once, atomically, and loads without re-quantising.
+    the fp16 size on disk) is written once, atomically, and loads without re-quantising. A copy that
+    is damaged (a cut file, a deleted one) is said so, quantised again and replaced.
     """
     if not quantized or cache_root is None:
         return load_base_model(cfg, runtime, quantized=quantized)
     copy = cache_root / base_fingerprint(cfg, runtime.compute_dtype)
     start = time.perf_counter()
-    if (copy / "config.json").is_file():
-        model = load_base_model(cfg, runtime, saved_4bit=str(copy))
-        say(f"base: 4-bit copy loaded from {copy} ({human_size(folder_bytes(copy))}) in {time.perf_counter() - start:.1f} s")
-        return model
+    if copy.exists():
+        problem = saved_copy_problem(copy)
+        if problem is None:
+            try:
+                model = load_base_model(cfg, runtime, saved_4bit=str(copy))
+                say(f"base: 4-bit copy loaded from {copy} ({human_size(folder_bytes(copy))}) in {time.perf_counter() - start:.1f} s")
+                return model
+            except (OSError, ValueError, KeyError, SafetensorError, SetupError) as exc:
+                problem = f"it does not load: {str(exc).splitlines()[0][:200]}"
+        say(f"base: the 4-bit copy in {copy} is damaged ({problem}); quantising again to replace it")
     model = load_base_model(cfg, runtime)
     quantise_s = time.perf_counter() - start
-    staging = copy.with_name(f".{copy.name}.saving")
+    say(f"base: quantised to 4 bits at load ({quantise_s:.1f} s); {save_4bit_copy(model, copy)}")
+    return model
+
+
+def saved_copy_problem(copy: Path) -> str | None:
+    """What is wrong with a saved 4-bit copy's files, or None when they are whole."""
+    problem = json_problem(copy / "config.json")
+    if problem:
+        return problem
+    index = copy / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            return f"{index.name} is truncated or not valid"
+    else:
+        shards = ["model.safetensors"]
+    return next(filter(None, (safetensors_problem(copy / shard) for shard in shards)), None)
+
+
+def save_4bit_copy(model, copy: Path) -> str:
+    """Save the quantised base at `copy` (replacing a damaged copy, never a whole one); what happened, as a note."""
+    later = "later loads will quantise again (--quantized_cache off to stop trying)"
+    try:
+        staging = staging_folder(copy, "saving")
+    except OSError as exc:  # a read-only cache costs only the speed-up
+        return f"could not save the 4-bit copy in {copy.parent} ({exc.strerror or exc}); {later}"
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        os.replace(staging, copy)
-        say(f"base: quantised to 4 bits at load ({quantise_s:.1f} s); saved to {copy} "
-            f"({human_size(folder_bytes(copy))}) so that later loads skip it")
-    except OSError as exc:  # a full or read-only disk costs only the speed-up
-        shutil.rmtree(staging, ignore_errors=True)
-        say(f"base: quantised to 4 bits at load ({quantise_s:.1f} s); could not save the 4-bit copy to {copy} ({exc}); "
-            "later loads will quantise again (--quantized_cache off to stop trying)")
-    return model
+        publish_permissions(staging)
+        if copy.exists() and saved_copy_problem(copy):
+            remove_damaged_copy(copy)
+        place(staging, copy)
+        return f"saved to {copy} ({human_size(folder_bytes(copy))}) so that later loads skip it"
+    except FileExistsError:
+        return f"another process saved the same 4-bit copy to {copy} meanwhile; later loads use it"
+    except (OSError, SafetensorError) as exc:  # a full disk costs only the speed-up
+        return f"could not save the 4-bit copy to {copy} ({getattr(exc, 'strerror', None) or exc}); {later}"
+    finally:
+        discard(staging)
+
+
+def remove_damaged_copy(copy: Path) -> None:
+    """Move a damaged copy aside under a name of this process's own, then delete it (the cache is ours)."""
+    aside = staging_folder(copy, "damaged")
+    try:
+        os.rename(copy, aside)  # onto the new empty folder
+    except FileNotFoundError:  # another process removed it first
+        pass
+    discard(aside)
 
 
 # ---------------------------------------------------------------------------- how to decode
@@ -553,7 +652,7 @@ def announce(args: InferenceArgs, cfg: Config, plan: DecodingPlan, settings: Gen
 
 def run(args: InferenceArgs, prompt: str | None) -> int:
     adapter = Path(args.adapter)
-    cache_root = None if args.quantized_cache == "off" else Path(args.quantized_cache)
+    cache_root = None if args.quantized_cache.strip().lower() == "off" else Path(args.quantized_cache)
     err = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 - notes go to stderr, answers to stdout
     if args.merge_to or args.export_gguf:
         from merging import export_or_merge
@@ -600,4 +699,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module imported under its own name: merging, chat and batch_inference import
+    # InferenceError from `inference`, and `__main__` would hold a second class that main() cannot catch.
+    import inference
+
+    sys.exit(inference.main())

@@ -16,15 +16,19 @@ token are printed and saved as merge_check.json in the merged folder, so users c
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from inference import InferenceError, adapter_settings, conversation, load_for_inference, target_problems
 from model_setup import DTYPES, load_base_model, load_tokenizer, resolve_model_path, resolve_runtime
+from staging import discard, free_bytes, place, publish_permissions, staging_file, staging_folder
 
 
 def merged_model(adapter: Path, cfg, merge_base: str, dtype_name: str):
@@ -47,29 +51,65 @@ def merged_model(adapter: Path, cfg, merge_base: str, dtype_name: str):
 
 def merge_adapter(adapter: Path, target: Path, dtype_name: str = "float16", base: str | None = None,
                   merge_base: str = "original", check_rows: int = 0, say=print) -> Path:
-    """Write base + adapter merged into the new folder `target` (written aside, then renamed)."""
+    """Write base + adapter merged into the new folder `target`.
+
+    Written and checked in a staging folder of this process's own, then moved into place: an
+    interrupted, failed or losing (two merges to one name) run leaves nothing at `target`, and a
+    folder there is never one whose merge_check.json is missing because the check was cut short.
+    """
+    target = Path(os.path.realpath(target))  # a link to an empty folder: merge into the folder it names
     problems = target_problems("--merge-to", target, want_folder=True)
     if problems:
         raise InferenceError(problems[0])
     cfg = adapter_settings(adapter, base)
-    merged = merged_model(adapter, cfg, merge_base, dtype_name)
-    staging = target.with_name(f".{target.name}.merging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with written_aside(target, "--merge-to", staging_folder) as staging:
+        merged = merged_model(adapter, cfg, merge_base, dtype_name)
+        check_free_space(target, model_bytes(merged), "--merge-to")
         merged.save_pretrained(staging, safe_serialization=True)
         load_tokenizer(cfg).save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.is_dir():
-        target.rmdir()  # an empty folder (checked above)
-    os.replace(staging, target)
-    if check_rows:
-        report = compare_with_adapter(adapter, merged, cfg, check_rows)
-        report.update(merge_base=merge_base, dtype=dtype_name)
-        (target / "merge_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        say(format_check(report))
+        if check_rows:
+            report = compare_with_adapter(adapter, merged, cfg, check_rows)
+            report.update(merge_base=merge_base, dtype=dtype_name)
+            (staging / "merge_check.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            say(format_check(report))
+        publish_permissions(staging)
+        place(staging, target)
     return target
+
+
+@contextlib.contextmanager
+def written_aside(target: Path, flag: str, make_staging) -> Iterator[Path]:
+    """A staging folder or file for `target` (made before any work: the check that it can be written),
+    always removed at the end unless the block placed it; write failures become InferenceError."""
+    try:
+        staging = make_staging(target, "merging" if flag == "--merge-to" else "writing")
+    except OSError as exc:
+        raise InferenceError(f"{flag} {str(target)!r}: cannot write in {str(target.parent)!r} "
+                             f"({exc.strerror or exc}); choose a place you can write to") from None
+    try:
+        yield staging
+    except FileExistsError:
+        raise InferenceError(f"{flag} {str(target)!r} appeared while this ran (another run, or you): it was left as "
+                             "it is and this result was dropped; run again with a new name") from None
+    except (OSError, SafetensorError) as exc:
+        full = "No space left" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC
+        hint = "free some space or choose another disk" if full else "check the disk and the permissions"
+        raise InferenceError(f"{flag} {str(target)!r}: writing failed ({getattr(exc, 'strerror', None) or exc}); "
+                             f"nothing was left there: {hint}") from None
+    finally:
+        discard(staging)  # gone already when placed
+
+
+def model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.state_dict().values())
+
+
+def check_free_space(target: Path, need: int, flag: str) -> None:
+    """Refuse before writing when the disk cannot hold it (with 5% to spare)."""
+    free = free_bytes(target.parent)
+    if need * 1.05 > free:
+        raise InferenceError(f"{flag} {str(target)!r} needs about {need / 2**30:.2f} GiB and {str(target.parent)!r} "
+                             f"has {free / 2**30:.2f} GiB free: free some space or choose another disk")
 
 
 # ---------------------------------------------------------------------------- how far from the adapter model
@@ -132,13 +172,27 @@ def export_or_merge(args, adapter: Path, say=print) -> int:
                              args.check_rows, say)
         print(f"merged model written to {path} (load it with AutoModelForCausalLM.from_pretrained)")
         return 0
-    from gguf_export import check_gguf, write_gguf
-
-    cfg = adapter_settings(adapter, args.base or None)
-    merged = merged_model(adapter, cfg, args.merge_base, args.merge_dtype)
-    path = Path(args.export_gguf)
-    write_gguf(merged, load_tokenizer(cfg), path, args.gguf_type, name=f"{cfg.model_name} + {adapter.name}", say=say)
-    say(check_gguf(path, merged, args.gguf_type))
+    path = export_gguf(adapter, Path(args.export_gguf), args.gguf_type, args.merge_base, args.merge_dtype,
+                       args.base or None, say)
     print(f"GGUF written to {path} ({path.stat().st_size / 2**20:,.1f} MiB, {args.gguf_type}, "
           f"{args.merge_base} weights + adapter): `llama-cli -m {path}` or an Ollama Modelfile `FROM {path}`")
     return 0
+
+
+def export_gguf(adapter: Path, path: Path, gguf_type: str, merge_base: str = "original", dtype_name: str = "float16",
+                base: str | None = None, say=print) -> Path:
+    """The merged model as one GGUF file at the new `path`: written and read back aside, then put in place."""
+    from gguf_export import check_gguf, gguf_bytes, write_gguf
+
+    path = Path(os.path.realpath(path))
+    problems = target_problems("--export-gguf", path, want_folder=False)
+    if problems:
+        raise InferenceError(problems[0])
+    cfg = adapter_settings(adapter, base)
+    with written_aside(path, "--export-gguf", staging_file) as staging:
+        merged = merged_model(adapter, cfg, merge_base, dtype_name)
+        check_free_space(path, gguf_bytes(merged, gguf_type), "--export-gguf")
+        write_gguf(merged, load_tokenizer(cfg), staging, gguf_type, name=f"{cfg.model_name} + {adapter.name}", say=say)
+        say(check_gguf(staging, merged, gguf_type, shown_as=path))
+        place(staging, path)
+    return path

@@ -22,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from staging import publish_permissions
+
 PROJECT_DIR = Path(__file__).resolve().parent
 CACHE_DIR = PROJECT_DIR / ".cache"
 BUILDER_VERSION = 4  # bump when the recipe below changes, so old caches are not reused
@@ -167,6 +169,7 @@ def ensure_tiny_model(data_file: Path | None = None, cache_dir: Path | None = No
         pretrain(model, tokenizer, pretraining_texts(data_file))
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        publish_permissions(staging)  # mkdtemp's folder is the owner's only; a shared cache is read by others
         os.replace(staging, target)
     except OSError:
         if not (target / "config.json").is_file():  # lost a race with another builder? then use theirs
