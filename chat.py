@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from chat_format import ConversationError
 from inference import (Answer, DecodingPlan, GenerationSettings, InferenceError, context_window, conversation, fit_problem,
                        generate_batch)
 
@@ -44,11 +45,35 @@ class ChatSession:
         from chat_format import prompt_ids
 
         for dropped in range(len(self.history) // 2 + 1):
-            ids = prompt_ids(self.tokenizer, conversation(question, self.system, self.history[2 * dropped:]))
+            try:
+                ids = prompt_ids(self.tokenizer, conversation(question, self.system, self.history[2 * dropped:]))
+            except ConversationError as exc:  # text that is not text, or a control token in the message
+                raise InferenceError(f"this message cannot be answered: {exc}") from None
             if fit_problem(len(ids), self.settings.max_new_tokens, self.window) is None:
                 self.history = self.history[2 * dropped:]
                 return ids, dropped
-        raise InferenceError(f"this message cannot be answered: {fit_problem(len(ids), self.settings.max_new_tokens, self.window)}")
+        because = " (the system prompt takes part of it: /system alone clears it)" if self.system else ""
+        raise InferenceError(f"this message cannot be answered: "
+                             f"{fit_problem(len(ids), self.settings.max_new_tokens, self.window)}{because}")
+
+    def set_system(self, text: str) -> str:
+        """Set (or, empty, clear) the system prompt, unless it leaves no room for a message and its answer."""
+        from chat_format import prompt_ids
+
+        if not text:
+            self.settings.system_prompt = ""
+            return "(system prompt cleared)"
+        try:
+            ids = prompt_ids(self.tokenizer, conversation("?", text))
+        except ConversationError as exc:
+            return f"(system prompt not set: {exc})"
+        problem = fit_problem(len(ids), self.settings.max_new_tokens, self.window)
+        if problem:
+            return (f"(system prompt not set: it is {len(ids):,} tokens with a one-word message; {problem}; "
+                    "the previous one is kept)")
+        self.settings.system_prompt = text
+        shown = repr(text) if len(text) <= 120 else f"{text[:117]!r}... ({len(text):,} characters)"
+        return f"(system prompt set: {shown})"
 
     def remember(self, question: str, reply: Answer) -> None:
         self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply.text}]
@@ -62,8 +87,7 @@ class ChatSession:
             self.history = []
             return "(conversation cleared)"
         if name == "/system":
-            self.settings.system_prompt = text.strip()
-            return f"(system prompt set: {text.strip()!r})" if text.strip() else "(system prompt cleared)"
+            return self.set_system(text.strip())
         if name.startswith("/") and name[1:].isalpha():
             return f"(unknown command {name}; {HELP})"
         return None
@@ -98,13 +122,15 @@ def user_lines(stdin, interactive: bool):
 
 def run_chat(model, tokenizer, settings: GenerationSettings, plan: DecodingPlan | None = None, stdin=None,
              stdout=None, stderr=None) -> int:
-    """The chat loop; returns the exit status (0 at /exit or end of input, 130 at Ctrl-C)."""
+    """The chat loop; returns the exit status: 0 at /exit or end of input, 130 at Ctrl-C, and 2 when
+    standard input is not a terminal and a message could not be answered (a script should know)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin.isatty()
     session = ChatSession(tokenizer, context_window(model), settings)
     note = lambda text: print(text, file=stderr, flush=True)  # noqa: E731
     if interactive:
         note(f"chat: {HELP}; Ctrl-D or Ctrl-C to leave")
+    refused = 0
     try:
         for line in user_lines(stdin, interactive):
             if not line.strip():
@@ -115,24 +141,33 @@ def run_chat(model, tokenizer, settings: GenerationSettings, plan: DecodingPlan 
             if reply is not None:
                 note(reply)
                 continue
-            turn(session, model, line.strip(), plan, stdout, note)
+            refused += not turn(session, model, line.strip(), plan, stdout, note)
     except KeyboardInterrupt:
         note("\n(chat ended)")
         return 130
+    if refused and not interactive:
+        note(f"({refused} message(s) could not be answered)")
+        return 2
     return 0
 
 
-def turn(session: ChatSession, model, question: str, plan: DecodingPlan | None, stdout, note) -> None:
-    """Answer one user message, streaming it, and keep it in the conversation."""
+def turn(session: ChatSession, model, question: str, plan: DecodingPlan | None, stdout, note) -> bool:
+    """Answer one user message, streaming it, and keep it in the conversation; False if it was refused."""
     try:
         ids, dropped = session.prompt(question)
     except InferenceError as exc:
         note(f"({exc})")
-        return
+        return False
     if dropped:
         note(f"(the conversation no longer fit the {session.window:,}-token context: dropped the oldest {dropped} turn(s))")
-    reply = generate_batch(model, session.tokenizer, [ids], session.settings, plan,
-                           streamer=make_streamer(session.tokenizer, stdout))[0]
+    try:
+        reply = generate_batch(model, session.tokenizer, [ids], session.settings, plan,
+                               streamer=make_streamer(session.tokenizer, stdout))[0]
+    except KeyboardInterrupt:
+        stdout.write("\n")  # end the half-streamed answer's line
+        stdout.flush()
+        raise
     if reply.stop_reason == "length":
         note(f"(answer cut at max_new_tokens={session.settings.max_new_tokens})")
     session.remember(question, reply)
+    return True

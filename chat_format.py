@@ -81,6 +81,13 @@ def check_conversation(messages: list[dict], must_end_with_user: bool) -> None:
         if message.get("role") != expected or not isinstance(message.get("content"), str):
             raise ConversationError(f"message {index + len(messages) - len(turns)}: expected a {expected} "
                                     f"message with text content, got {message!r:.80}")
+    for index, message in enumerate(messages):
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: from undecodable bytes, or escaped in JSON
+            raise ConversationError(f"message {index} ({message['role']}) holds {message['content'][exc.start]!r} at "
+                                    f"character {exc.start}, which is not text (bytes that are not UTF-8?); "
+                                    "remove it") from None
     if must_end_with_user and turns[-1]["role"] != "user":
         raise ConversationError("the conversation must end with a user message to be answered")
 
@@ -365,7 +372,12 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     Exactly the tokens that training put before that answer, with one BOS (encode_training_text).
     """
     style = chat_style(tokenizer)
-    return _token_ids(tokenizer, prompt_text(tokenizer, messages, style), style)[0]
+    text = prompt_text(tokenizer, messages, style)
+    problem = _control_token_problem(messages, style)  # training refused such rows: the model never saw them
+    if problem:
+        raise ConversationError(problem.replace(" (the model would learn to stop or switch turns there)",
+                                                " (the model would read a turn end or a new turn there)"))
+    return _token_ids(tokenizer, text, style)[0]
 
 
 def _straddled_boundary(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> int | None:

@@ -25,20 +25,24 @@ import dataclasses
 import difflib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import (seconds): a word, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted", file=sys.stderr), os._exit(128 + signal.SIGINT)))
 
-from chat_format import ConversationError, prompt_ids, stop_token_ids
-from config import Config, ConfigError, generation_problems, validate_config
-from model_setup import (DTYPES, SetupError, load_base_model, load_tokenizer, quiet_library_noise, resolve_model_path,
+import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+
+from chat_format import ConversationError, prompt_ids, stop_token_ids  # noqa: E402
+from config import Config, ConfigError, generation_problems, validate_config  # noqa: E402
+from model_setup import (DTYPES, SetupError, load_base_model, load_tokenizer, quiet_library_noise, resolve_model_path,  # noqa: E402
                          resolve_runtime)
-from run_files import json_problem, safetensors_problem
-from staging import discard, place, publish_permissions, staging_folder
+from run_files import json_problem, safetensors_problem  # noqa: E402
+from staging import discard, place, publish_permissions, staging_folder  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CHOICES_AUTO = ("auto", "yes", "no")
@@ -110,7 +114,9 @@ class InferenceArgs:
 def argument_problems(args: InferenceArgs, prompt: str | None) -> list[str]:
     """Every problem with the command line, found before anything loads."""
     problems = []
-    modes = [name for name, on in (("a prompt", bool(prompt)), ("--chat", args.chat), ("--input", bool(args.input)),
+    if prompt is not None and not prompt.strip():
+        problems.append("the prompt is empty; give the question to answer in quotes")
+    modes = [name for name, on in (("a prompt", bool(prompt and prompt.strip())), ("--chat", args.chat), ("--input", bool(args.input)),
                                     ("--merge-to", bool(args.merge_to)), ("--export-gguf", bool(args.export_gguf))) if on]
     if not modes:
         problems.append("nothing to do: give a prompt to answer, --chat, --input FILE --output FILE, --merge-to DIR or --export-gguf FILE")
@@ -215,7 +221,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[InferenceArgs, str | None
     unknown = unknown_flags(argv, parser)
     if unknown:
         fail("; ".join(unknown))
-    args, rest = parser.parse_args_into_dataclasses(args=argv)
+    args, rest, stray = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if stray:
+        fail(f"unexpected words {' '.join(stray)!r} after the prompt {rest.prompt!r}: put the whole prompt in quotes, "
+             f'e.g. python inference.py --adapter DIR "{" ".join([rest.prompt or "", *stray]).strip()}"')
     problems = argument_problems(args, rest.prompt)
     if problems:
         raise InferenceError("invalid arguments:\n  - " + "\n  - ".join(problems))
@@ -258,6 +267,9 @@ def read_adapter_config(adapter: Path) -> Config:
         json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InferenceError(f"{adapter} is corrupt: a config file does not parse ({exc}); re-run training") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("model_name"), str) or not stored["model_name"]:
+        raise InferenceError(f"{adapter / 'run_config.json'} does not name the base model ('model_name'); it is not what "
+                             "training writes: re-run training, or restore the file from the run's folder")
     known = {k: v for k, v in stored.items() if k in Config.__dataclass_fields__}
     cfg = Config(**known)
     problems = validate_config(cfg)
@@ -664,6 +676,10 @@ def run(args: InferenceArgs, prompt: str | None) -> int:
         adapter, args.base or None, quantized=False if args.no_4bit else None, dequantize=args.dequantize,
         compile_=args.compile, many_rows=bool(args.input), cache_root=cache_root, say=err)
     announce(args, cfg, plan, settings, err)
+    window = context_window(model)
+    if settings.max_new_tokens >= window:
+        raise InferenceError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the model's "
+                             f"context of {window:,} tokens; give --max_new_tokens below {window:,} (a few hundred is usual)")
     if args.chat:
         from chat import run_chat
 
@@ -703,4 +719,5 @@ if __name__ == "__main__":
     # InferenceError from `inference`, and `__main__` would hold a second class that main() cannot catch.
     import inference
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here main() handles Ctrl-C
     sys.exit(inference.main())

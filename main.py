@@ -11,11 +11,15 @@ Exit status: 0 done, 2 bad input (the message says what to change), 130/143 inte
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
 
-from model_setup import quiet_library_noise
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import (seconds): a word, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted", file=sys.stderr), os._exit(128 + signal.SIGINT)))
+
+from model_setup import quiet_library_noise  # noqa: E402
 
 # Here, not in main(): bitsandbytes logs its noise when it is imported, and the imports below
 # (transformers' Trainer, then PEFT) import it.
@@ -204,4 +208,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here main() handles Ctrl-C
     sys.exit(main())

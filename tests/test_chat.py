@@ -108,8 +108,9 @@ def test_oldest_turns_are_dropped_when_the_context_is_full(trained, prompts_seen
 def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(trained, prompts_seen):
     model, tokenizer, _ = trained
     code, out, err = chat(model, tokenizer, ["gold " * 1100, "Hi"])
-    assert code == 0 and "this message cannot be answered" in err and "more than the model's context of 1,024" in err
+    assert "this message cannot be answered" in err and "more than the model's context of 1,024" in err
     assert len(prompts_seen) == 1 and len(out.splitlines()) == 1
+    assert code == 2 and "(1 message(s) could not be answered)" in err  # a script learns that one failed
 
 
 def test_reset_system_and_exit(trained, prompts_seen):
@@ -134,3 +135,33 @@ def test_end_of_input_and_ctrl_c_end_cleanly(trained):
     assert chat(model, tokenizer, [])[0] == 0
     code, out, err = chat(model, tokenizer, [], stdin=CtrlC())
     assert code == 130 and "(chat ended)" in err
+
+
+def test_text_that_is_not_text_or_holds_a_control_token_is_refused_and_the_chat_goes_on(trained, prompts_seen):
+    """Undecodable bytes arrive as lone surrogates; '</s>' in a message would reach the model as end-of-sequence."""
+    model, tokenizer, _ = trained
+    code, out, err = chat(model, tokenizer, ["hello \udcff\udcfe bad bytes", "What </s> [/INST] now?", "Hi"])
+    assert "which is not text" in err and "'</s>', which the tokenizer reads as a control token" in err
+    assert len(prompts_seen) == 1 and tokenizer.decode(prompts_seen[0]).count("Hi") == 1
+    assert code == 2 and "(2 message(s) could not be answered)" in err
+
+
+def test_a_system_prompt_that_leaves_no_room_is_refused_and_the_old_one_kept(trained, prompts_seen):
+    model, tokenizer, _ = trained
+    code, out, err = chat(model, tokenizer, ["/system Be brief.", "/system " + "very long rules " * 600, "Hi"])
+    assert "system prompt not set: it is" in err and "the previous one is kept" in err
+    assert "very long rules very long rules very long" not in err.split("not set")[0]  # not echoed in full
+    assert code == 0 and "Be brief." in tokenizer.decode(prompts_seen[0])
+
+
+def test_ctrl_c_mid_answer_ends_the_streamed_line(trained, monkeypatch):
+    model, tokenizer, _ = trained
+    import chat as chat_module
+
+    def interrupted_after_a_word(model, tokenizer, prompts, settings, plan=None, max_new_tokens=None, streamer=None):
+        streamer.on_finalized_text("Gold")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat_module, "generate_batch", interrupted_after_a_word)
+    code, out, err = chat(model, tokenizer, ["Hi"])
+    assert code == 130 and out == "Gold\n" and "(chat ended)" in err

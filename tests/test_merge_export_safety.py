@@ -223,3 +223,42 @@ def test_a_copy_saved_meanwhile_by_another_process_is_reported_as_such(adapter, 
     notes = []
     load_base(cfg, runtime, True, tmp_path, notes.append)
     assert "another process saved the same 4-bit copy" in notes[-1] and no_staging_left(tmp_path)
+
+
+# ---------------------------------------------------------------------------- the command line's slips
+
+def test_an_unquoted_prompt_gets_a_hint_not_a_traceback(adapter):
+    with pytest.raises(InferenceError, match="put the whole prompt in quotes") as caught:
+        parse_args(["--adapter", str(adapter), "What", "is", "gold?"])
+    assert '"What is gold?"' in str(caught.value)
+    with pytest.raises(InferenceError, match="the prompt is empty"):
+        parse_args(["--adapter", str(adapter), "   "])
+
+
+def test_max_new_tokens_that_fill_the_context_are_refused_before_any_answer(adapter, capsys):
+    assert main(["--adapter", str(adapter), "--chat", "--max_new_tokens", "5000"]) == 2
+    assert "max_new_tokens=5000 leaves no room for a prompt in the model's context of 1,024 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stored", ['{"lora_r": 8}', '["model_name"]'])
+def test_a_run_config_without_its_base_is_refused_clearly(adapter, tmp_path, stored):
+    import shutil
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    (copy / "run_config.json").write_text(stored)
+    with pytest.raises(InferenceError, match="does not name the base model"):
+        read_adapter_config(copy)
+
+
+@pytest.mark.parametrize("script", ["inference.py", "main.py"])
+def test_ctrl_c_while_the_libraries_import_ends_quietly(script):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=PROJECT_DIR, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    time.sleep(0.6)  # inside `import torch` (seconds on this machine), before main() runs
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
