@@ -28,6 +28,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from staging import discard, place, publish_permissions, staging_folder
+
 SHARD_BYTES = 2 * 2**30  # output file size: small enough to write and read in a few seconds each
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "generation_config.json", "chat_template.jinja")
@@ -106,7 +108,7 @@ def write_checkpoint(out: Path, model_config, tensors: Iterable[tuple[str, torch
     from safetensors.torch import save_file
 
     quantize = quantized_weight_names(model_config)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     shard, shard_size, weight_map, total = {}, 0, {}, 0
 
     def flush():
@@ -155,20 +157,40 @@ def convert(args: QuantizeArgs) -> Path:
     if getattr(model_config, "quantization_config", None) is not None:
         raise QuantizeError(f"{args.model_name} is already quantised ({model_config.quantization_config.get('quant_method')})")
     config = bnb_config(DTYPES[args.compute_dtype], args.quant_type, args.use_nested_quant)
-    write_checkpoint(out, model_config, checkpoint_tensors(source), config, args.device)
-    for name in COPIED_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
+    try:
+        staging = staging_folder(out, "writing")  # an interrupted run leaves no half checkpoint at --out
+    except OSError as exc:
+        raise QuantizeError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+    try:
+        write_checkpoint(staging, model_config, checkpoint_tensors(source), config, args.device)
+        for name in COPIED_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, staging / name)
+        publish_permissions(staging)
+        place(staging, out)
+    except FileExistsError:
+        raise QuantizeError(f"--out {out} appeared while this ran; it was left as it is (run again with a new folder)") from None
+    except OSError as exc:
+        raise QuantizeError(f"--out {out}: writing failed ({exc.strerror or exc}); nothing was left there") from None
+    finally:
+        discard(staging)
     return out
 
 
 def resolve_source(model_name: str) -> Path:
-    """A local folder as it is; a hub id downloaded (its safetensors, config and tokenizer only)."""
-    if Path(model_name).is_dir():
-        return Path(model_name)
+    """A local folder as it is (tiny-llama: its cached folder); a hub id downloaded (its safetensors,
+    config and tokenizer only). One that cannot be found is a QuantizeError saying what to do."""
+    from model_setup import load_error, resolve_model_path
+
+    local = Path(resolve_model_path(model_name)).expanduser()
+    if local.is_dir():
+        return local
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model_name, allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]))
+    try:
+        return Path(snapshot_download(model_name, allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.jinja"]))
+    except (OSError, ValueError) as exc:  # not found, offline, or not a valid hub id
+        raise QuantizeError(str(load_error(model_name, "files", exc)).replace("--model_name", "--model_name of quantize.py")) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (nothing was written to --out)", file=sys.stderr)
+        return 130
     print(f"4-bit checkpoint written to {out}; train it with: accelerate launch --config_file launch/fsdp_qlora.yaml "
           f"main.py --model_name {out}")
     return 0

@@ -254,6 +254,21 @@ def test_a_checkpoint_written_in_4_bits_loads_to_the_same_model(tmp_path, tiny_m
     assert quantize_main(["--model_name", str(tiny_model_dir), "--out", str(out), "--device", "cpu"]) == 2  # exists
 
 
+def test_quantize_interrupted_or_misnamed_leaves_nothing_and_says_what_to_do(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import quantize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "quantize_weight", interrupted)
+    args = ["--model_name", str(tiny_model_dir), "--out", str(tmp_path / "nf4"), "--device", "cpu", "--compute_dtype", "float32"]
+    assert quantize.main(args) == 130
+    assert "nothing was written to --out" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither --out nor its staging folder
+    assert quantize.main(["--model_name", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 def test_benchmark_random_4bit_checkpoint_loads_as_a_quantised_model(tmp_path):
     """benchmark_parallel's 70B/13B stand-ins: a 4-bit checkpoint of random weights, written through
     quantize.py's writer, that from_pretrained reads as a bitsandbytes model with the given shape."""
