@@ -184,6 +184,10 @@ def export_gguf(adapter: Path, path: Path, gguf_type: str, merge_base: str = "or
     """The merged model as one GGUF file at the new `path`: written and read back aside, then put in place."""
     from gguf_export import check_gguf, gguf_bytes, write_gguf
 
+    try:
+        import gguf  # noqa: F401 - checked before any work: a missing package is found in a second, not after the merge
+    except ImportError as exc:
+        raise InferenceError(f"--export-gguf needs the gguf package ({exc}): pip install -r requirements.txt") from None
     path = Path(os.path.realpath(path))
     problems = target_problems("--export-gguf", path, want_folder=False)
     if problems:

@@ -262,3 +262,15 @@ def test_ctrl_c_while_the_libraries_import_ends_quietly(script):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_export_without_the_gguf_package_says_so_before_any_work(adapter, tmp_path, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was merged before the package check")
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    monkeypatch.setattr(merging, "merged_model", must_not_load)
+    assert main(["--adapter", str(adapter), "--export-gguf", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the gguf package" in err and "pip install -r requirements.txt" in err
+    assert list(tmp_path.iterdir()) == []
