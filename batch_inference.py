@@ -14,8 +14,12 @@ Output: one JSON line per input line, with the input's fields plus `line` (its n
 `answer`, `tokens` (generated, the stop token included) and `stop_reason` ("stop": the model ended
 its answer; "length": max_new_tokens did). Each batch's lines are appended as soon as it finishes,
 so an interrupted run (Ctrl-C, a kill, a full disk) resumes when the same command runs again: lines
-already answered are kept. `OUTPUT.run.json` records the adapter and settings; resuming with other
-ones is refused. At the end the file is rewritten in input order.
+already answered are kept, unless their input line was edited or removed since (then it is answered
+again). `OUTPUT.run.json` records the adapter (its weights' size and time too), the base and the
+settings; resuming with other ones is refused. A second run on the same output while one is running
+is refused (a lock on the hidden `.OUTPUT.lock` beside it). At the end the file is rewritten in input
+order. Input fields named like the output's own (`answer`, `tokens`, ...) make the line bad: they
+would be replaced.
 
 A bad line (not JSON, no prompt, longer than the model's context, ...) is reported by its number
 and skipped; every other line is answered. The exit status is then 2; fix the lines and run the same
@@ -24,9 +28,12 @@ command again to answer just those.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +41,7 @@ from pathlib import Path
 
 from inference import (Answer, DecodingPlan, GenerationSettings, InferenceError, answer_many, context_window, conversation,
                        prompt_of)
+from staging import discard, staging_file
 
 OUTPUT_FIELDS = ("line", "answer", "tokens", "stop_reason")
 SHOWN_PROBLEMS = 20
@@ -63,6 +71,10 @@ def prompt_row(line: int, record, settings: GenerationSettings) -> Row:
     """One prompt record: {"prompt", "system"?, "max_new_tokens"?, ...}, or a Row naming its problem."""
     if not isinstance(record, dict):
         return Row(line, {}, problem='not a JSON object like {"prompt": "..."}')
+    taken = [name for name in OUTPUT_FIELDS if name in record]
+    if taken:  # copied through, the output's own field would replace it: a user's reference answer lost
+        return Row(line, record, problem=f"its field(s) {', '.join(map(repr, taken))} would be replaced by the output's "
+                                         "own; rename them (e.g. 'reference')")
     prompt, system = record.get("prompt"), record.get("system", settings.system_prompt)
     limit = record.get("max_new_tokens", settings.max_new_tokens)
     if not isinstance(prompt, str) or not prompt.strip():
@@ -116,8 +128,8 @@ def read_rows(path: Path, settings: GenerationSettings) -> list[Row]:
     if not path.is_file() and not path.is_dir():
         raise InferenceError(f"--input {str(path)!r} does not exist")
     if path.suffix.lower() == ".jsonl":
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+        try:  # "\n" only: str.splitlines also splits at U+2028 and U+0085, which JSON strings may hold
+            lines = [text.removesuffix("\r") for text in path.read_text(encoding="utf-8").split("\n")]
         except (OSError, UnicodeDecodeError) as exc:
             raise InferenceError(f"cannot read --input {path}: {exc}") from None
         first = next((json.loads(t) for t in lines if t.strip() and is_json(t)), {})
@@ -147,8 +159,13 @@ def is_json(text: str) -> bool:
 
 # ---------------------------------------------------------------------------- the output and resuming
 
-def run_record(adapter: str, input_path: Path, settings: GenerationSettings) -> dict:
-    return {"adapter": str(Path(adapter).resolve()), "input": str(input_path.resolve()),
+def run_record(args, input_path: Path, settings: GenerationSettings) -> dict:
+    """What makes two runs' answers comparable: the adapter (its weights too: retrained in place is another
+    adapter), the base as loaded, the input file and the generation settings."""
+    weights = Path(args.adapter) / "adapter_model.safetensors"
+    stat = weights.stat()
+    return {"adapter": str(Path(args.adapter).resolve()), "adapter_weights": [stat.st_size, stat.st_mtime_ns],
+            "base": args.base or "", "no_4bit": bool(args.no_4bit), "input": str(input_path.resolve()),
             "settings": dataclasses.asdict(settings)}
 
 
@@ -163,25 +180,71 @@ def answered_lines(output: Path, expected_run: dict) -> dict[int, dict]:
     if not state.is_file():
         raise InferenceError(f"{output} already exists and was not written by a batch run (no {state.name}); "
                              "choose another --output (nothing was changed)")
-    previous = json.loads(state.read_text(encoding="utf-8"))
-    changed = [key for key in expected_run if previous.get(key) != expected_run[key]]
-    if changed:
-        detail = ", ".join(f"{k}: {previous.get(k)!r} then, {expected_run[k]!r} now" for k in changed)
-        raise InferenceError(f"{output} holds answers of another run ({detail}); to resume it use the same "
-                             "adapter, input and settings, or choose another --output")
+    try:
+        previous = json.loads(state.read_text(encoding="utf-8"))
+        assert isinstance(previous, dict)
+    except (ValueError, UnicodeDecodeError, AssertionError):
+        raise InferenceError(f"{state} is damaged (not the JSON a batch run writes), so {output} cannot be resumed "
+                             "safely; choose another --output, or delete both files to start over") from None
     done = {}
-    for text in output.read_text(encoding="utf-8").splitlines():
+    for text in output.read_text(encoding="utf-8").split("\n"):
         record = json.loads(text) if is_json(text) else None  # a last line cut by a kill is not JSON
         if isinstance(record, dict) and "answer" in record and isinstance(record.get("line"), int):
             done[record["line"]] = record
+    changed = [key for key in expected_run if previous.get(key) != expected_run[key]]
+    if changed and done:  # an output with no answer yet takes the new settings
+        detail = ", ".join(f"{k}: {previous.get(k)!r} then, {expected_run[k]!r} now" for k in changed)
+        raise InferenceError(f"{output} holds answers of another run ({detail}); to resume it use the same "
+                             "adapter, input and settings, or choose another --output")
     return done
 
 
+def still_valid(done: dict[int, dict], rows: list[Row]) -> tuple[dict[int, dict], int]:
+    """(answers whose input line is unchanged, how many were dropped): a line edited or deleted since the
+    earlier run is answered again, so the output is always that of one run on the input as it is now."""
+    current = {row.line: row.record for row in rows if row.problem is None}
+    kept = {line: record for line, record in done.items()
+            if current.get(line) == {k: v for k, v in record.items() if k not in OUTPUT_FIELDS}}
+    return kept, len(done) - len(kept)
+
+
+@contextlib.contextmanager
+def output_held(output: Path):
+    """One batch run per output at a time (an exclusive lock on a hidden file beside it); the lock file's
+    creation is also the check that --output can be written, made before any answer."""
+    if output.is_dir() or (output.exists() and not output.is_file()):
+        raise InferenceError(f"--output {str(output)!r} is not a regular file; give the path of a .jsonl file")
+    lock_path = output.with_name(f".{output.name}.lock")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise InferenceError(f"cannot write --output {str(output)!r} ({exc.strerror or exc}); choose a place you can "
+                             "write to") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise InferenceError(f"another batch run ({handle.read().strip() or 'pid unknown'}) is writing {output}; "
+                                 "wait for it to finish, or choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def write_lines(path: Path, records: list[dict]) -> None:
-    """Replace the file with these records, atomically."""
-    staging = path.with_name(f".{path.name}.writing")
-    staging.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(staging, path)
+    """Replace the file with these records, atomically (through a staging file of this process's own)."""
+    staging = staging_file(path, "writing")
+    try:
+        staging.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        os.replace(staging, path)
+    finally:
+        discard(staging)
 
 
 def output_record(row: Row, result: Answer) -> dict:
@@ -219,20 +282,31 @@ def report_problems(rows: list[Row], say) -> list[Row]:
 def run_batch(model, tokenizer, settings: GenerationSettings, plan: DecodingPlan | None, input_path: Path, output: Path,
               args, say=print) -> int:
     """Answer every good row not answered yet; returns the exit status (2 if any row was bad)."""
+    with output_held(output):
+        return answer_file(model, tokenizer, settings, plan, input_path, output, args, say)
+
+
+def answer_file(model, tokenizer, settings: GenerationSettings, plan: DecodingPlan | None, input_path: Path,
+                output: Path, args, say) -> int:
     from tqdm import tqdm
 
     rows = read_rows(input_path, settings)
     check_rows(rows, tokenizer, context_window(model))
-    expected_run = run_record(args.adapter, input_path, settings)
-    done = answered_lines(output, expected_run)
+    expected_run = run_record(args, input_path, settings)
+    done, changed = still_valid(answered_lines(output, expected_run), rows)
+    if changed:
+        say(f"batch: {changed} earlier answer(s) no longer match their input line (edited or removed since): "
+            "they are dropped and changed lines answered again")
     bad = report_problems(rows, say)
     todo = [row for row in rows if row.problem is None and row.line not in done]
     size, why = default_batch_size(args.batch_size, model.device.type == "cuda")
     say(f"batch: {len(rows)} lines in {input_path}: {len(done)} already answered in {output}, {len(todo)} to answer, "
         f"{len(bad)} bad; {why}")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if not todo and not done:  # nothing to write: leave no output behind that a corrected rerun would meet
+        say("nothing was answered; no output written")
+        return 2 if bad else 0
     output.with_name(output.name + ".run.json").write_text(json.dumps(expected_run, indent=2), encoding="utf-8")
-    write_lines(output, list(done.values()))  # drops a line half-written by a killed run
+    write_lines(output, [done[line] for line in sorted(done)])  # drops a line half-written by a killed run
     start, tokens = time.perf_counter(), 0
     try:
         with open(output, "a", encoding="utf-8") as sink, tqdm(total=len(todo), unit="row", file=sys.stderr) as bar:

@@ -31,7 +31,7 @@ def batch(trained, input_path, output, batch_size=3, settings=SETTINGS):
     model, tokenizer, adapter = trained
     notes = []
     code = run_batch(model, tokenizer, settings, None, input_path, output,
-                     SimpleNamespace(adapter=str(adapter), batch_size=batch_size), say=notes.append)
+                     SimpleNamespace(adapter=str(adapter), batch_size=batch_size, base="", no_4bit=False), say=notes.append)
     return code, notes
 
 
@@ -148,3 +148,92 @@ def test_training_data_in_a_conversational_format_is_answered_too(trained, tmp_p
                          tmp_path / "out-text.jsonl")
     (twin,) = records(tmp_path / "out-text.jsonl")
     assert code == code_text == 0 and record["reference"] == "Au." and record["answer"] == twin["answer"]
+
+
+def test_an_edited_or_removed_input_line_is_answered_again_not_paired_with_a_stale_answer(trained, tmp_path):
+    prompts = write_input(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS[:4]])
+    assert batch(trained, prompts, tmp_path / "a.jsonl")[0] == 0
+    write_input(prompts, [{"prompt": p} for p in [PROMPTS[0], PROMPTS[2], PROMPTS[5]]])  # line 2 removed, 3 new
+    code, notes = batch(trained, prompts, tmp_path / "a.jsonl")
+    got = records(tmp_path / "a.jsonl")
+    assert code == 0 and [r["prompt"] for r in got] == [PROMPTS[0], PROMPTS[2], PROMPTS[5]]
+    assert any("3 earlier answer(s) no longer match their input line" in n for n in notes)
+    one_shot = tmp_path / "fresh.jsonl"
+    batch(trained, prompts, one_shot)
+    assert [r["answer"] for r in got] == [r["answer"] for r in records(one_shot)]
+
+
+def test_a_retrained_adapter_is_another_run(trained, tmp_path):
+    import os
+    import shutil
+
+    model, tokenizer, adapter = trained
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    prompts = write_input(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}])
+    args = SimpleNamespace(adapter=str(copy), batch_size=2, base="", no_4bit=False)
+    assert run_batch(model, tokenizer, SETTINGS, None, prompts, tmp_path / "a.jsonl", args, say=lambda _: None) == 0
+    weights = copy / "adapter_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten in place
+    with pytest.raises(InferenceError, match="holds answers of another run.*adapter_weights"):
+        run_batch(model, tokenizer, SETTINGS, None, prompts, tmp_path / "a.jsonl", args, say=lambda _: None)
+    with pytest.raises(InferenceError, match="no_4bit"):
+        run_batch(model, tokenizer, SETTINGS, None, prompts, tmp_path / "a.jsonl",
+                  SimpleNamespace(adapter=str(copy), batch_size=2, base="", no_4bit=True), say=lambda _: None)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(trained, tmp_path, monkeypatch):
+    prompts = write_input(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}])
+    output = tmp_path / "a.jsonl"
+    seen = {}
+    real = batch_inference.answer_file
+
+    def second_run_meanwhile(*args, **kwargs):
+        with pytest.raises(InferenceError, match=r"another batch run \(pid \d+ on .*\) is writing"):
+            with batch_inference.output_held(output):
+                pass
+        seen["refused"] = True
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_inference, "answer_file", second_run_meanwhile)
+    assert batch(trained, prompts, output)[0] == 0 and seen["refused"]
+    with batch_inference.output_held(output):  # released at the end
+        pass
+
+
+def test_outputs_that_cannot_be_written_and_a_damaged_state_file_are_clear_errors(trained, tmp_path):
+    prompts = write_input(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}])
+    (tmp_path / "file").write_text("x")
+    for output, said in ((tmp_path / "file" / "a.jsonl", "cannot write --output"),
+                         (tmp_path, "is not a regular file")):
+        with pytest.raises(InferenceError, match=said):
+            batch(trained, prompts, output)
+    assert batch(trained, prompts, tmp_path / "a.jsonl")[0] == 0
+    (tmp_path / "a.jsonl.run.json").write_text("garbage{")
+    with pytest.raises(InferenceError, match="is damaged"):
+        batch(trained, prompts, tmp_path / "a.jsonl")
+    assert len(records(tmp_path / "a.jsonl")) == 1  # nothing lost
+
+
+def test_line_separators_inside_json_strings_do_not_split_lines(trained, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi\u2028there"}, ensure_ascii=False) + "\n"
+                       + json.dumps({"prompt": "Who\x85 wrote Hamlet?"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    code, notes = batch(trained, prompts, tmp_path / "a.jsonl")
+    assert code == 0 and [r["line"] for r in records_by_newline(tmp_path / "a.jsonl")] == [1, 2]
+    code, notes = batch(trained, prompts, tmp_path / "a.jsonl")
+    assert any("2 already answered" in n and "0 to answer" in n for n in notes)
+
+
+def records_by_newline(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+def test_fields_the_output_would_replace_and_runs_that_answer_nothing(trained, tmp_path):
+    prompts = write_input(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0], "answer": "MY REFERENCE"}])
+    code, notes = batch(trained, prompts, tmp_path / "a.jsonl")
+    assert code == 2 and any("'answer'" in n and "would be replaced" in n for n in notes)
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "a.jsonl.run.json").exists()
+    write_input(prompts, [{"prompt": PROMPTS[0], "reference": "MY REFERENCE"}])  # fixed as advised: now answered
+    assert batch(trained, prompts, tmp_path / "a.jsonl")[0] == 0
+    assert records(tmp_path / "a.jsonl")[0]["reference"] == "MY REFERENCE"
