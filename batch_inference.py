@@ -113,6 +113,8 @@ def training_row(line: int, row: dict, dataset_format: str, settings: Generation
         messages = training_conversation(row, dataset_format)
     except ConversationError as exc:
         return Row(line, dict(row), problem=str(exc))
+    except (KeyError, TypeError, AttributeError) as exc:  # a line of a JSON-lines file lacking its format's fields
+        return Row(line, dict(row), problem=f"not a row of the file's format ({dataset_format}): {type(exc).__name__} {exc}")
     *asked, last = messages
     record = {"prompt": asked[-1]["content"], "reference": last["content"]}
     if asked[0]["role"] == "system":
@@ -132,9 +134,7 @@ def read_rows(path: Path, settings: GenerationSettings) -> list[Row]:
             lines = [text.removesuffix("\r") for text in path.read_text(encoding="utf-8").split("\n")]
         except (OSError, UnicodeDecodeError) as exc:
             raise InferenceError(f"cannot read --input {path}: {exc}") from None
-        first = next((json.loads(t) for t in lines if t.strip() and is_json(t)), {})
-        if isinstance(first, dict) and "prompt" in first and "completion" not in first or not isinstance(first, dict):
-            return [prompt_line(n, t, settings) for n, t in enumerate(lines, start=1) if t.strip()]
+        return json_lines_rows(path, [(n, t) for n, t in enumerate(lines, start=1) if t.strip()], settings)
     from data_preparation import DataError, detect_format, load_raw_dataset
 
     dataset = load_raw_dataset(str(path))
@@ -147,6 +147,29 @@ def read_rows(path: Path, settings: GenerationSettings) -> list[Row]:
         raise InferenceError(f"{path}: its columns {columns} are neither prompts (a 'prompt' column) nor training data "
                              '(see README, "Your own data"); give JSON lines like {"prompt": "..."}') from None
     return [training_row(n, row, dataset_format, settings) for n, row in enumerate(dataset.to_list(), start=1)]
+
+
+def json_lines_rows(path: Path, lines: list[tuple[int, str]], settings: GenerationSettings) -> list[Row]:
+    """A JSON-lines file, line by line: a line that is not JSON is one bad row, never the whole file's loss.
+
+    It is a prompts file when any line has a 'prompt' without a 'completion' (or no line is an object);
+    else training data, in the one format the keys of all its lines match together.
+    """
+    from data_preparation import DataError, detect_format
+
+    records = {n: json.loads(text) for n, text in lines if is_json(text)}
+    objects = [r for r in records.values() if isinstance(r, dict)]
+    if not objects or any("prompt" in r and "completion" not in r for r in objects):
+        return [prompt_line(n, text, settings) for n, text in lines]
+    columns = sorted(set().union(*objects))
+    try:
+        dataset_format = detect_format(columns)[0]
+    except DataError:
+        raise InferenceError(f"{path}: its keys {columns} are neither prompts (a 'prompt' key) nor training data "
+                             '(see README, "Your own data"); give JSON lines like {"prompt": "..."}') from None
+    return [training_row(n, records[n], dataset_format, settings) if isinstance(records.get(n), dict)
+            else prompt_line(n, text, settings)  # names the problem: not JSON, or not an object
+            for n, text in lines]
 
 
 def is_json(text: str) -> bool:

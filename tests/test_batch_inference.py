@@ -237,3 +237,17 @@ def test_fields_the_output_would_replace_and_runs_that_answer_nothing(trained, t
     write_input(prompts, [{"prompt": PROMPTS[0], "reference": "MY REFERENCE"}])  # fixed as advised: now answered
     assert batch(trained, prompts, tmp_path / "a.jsonl")[0] == 0
     assert records(tmp_path / "a.jsonl")[0]["reference"] == "MY REFERENCE"
+
+
+def test_a_broken_line_costs_only_itself_in_every_json_lines_format(trained, tmp_path):
+    """Training data with a line that is not JSON, and a prompts file whose first line misspells 'prompt'."""
+    text = "<s>[INST] What is the chemical symbol for gold? [/INST] Au. </s>"
+    data = write_input(tmp_path / "data.jsonl", [{"text": text}, '{"text": "cut sh', {"text": text}])
+    code, notes = batch(trained, data, tmp_path / "out.jsonl")
+    assert code == 2 and "line 2: not valid JSON" in "\n".join(notes)
+    assert [(r["line"], r["reference"]) for r in records(tmp_path / "out.jsonl")] == [(1, "Au."), (3, "Au.")]
+    prompts = write_input(tmp_path / "p.jsonl", [{"promt": "typo"}, {"prompt": PROMPTS[0]}, "{broken"])
+    code, notes = batch(trained, prompts, tmp_path / "a.jsonl")
+    assert code == 2 and "line 1: no 'prompt' text" in "\n".join(notes) and "line 3: not valid JSON" in "\n".join(notes)
+    (answered,) = records(tmp_path / "a.jsonl")
+    assert answered["line"] == 2 and set(answered) == {"prompt", "line", "answer", "tokens", "stop_reason"}  # no null fields
