@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ from safetensors import SafetensorError
 
 from inference import InferenceError, adapter_settings, conversation, load_for_inference, target_problems
 from model_setup import DTYPES, load_base_model, load_tokenizer, resolve_model_path, resolve_runtime
-from staging import discard, free_bytes, place, publish_permissions, staging_file, staging_folder
+from run_files import free_bytes
+from staging import discard, place, publish_permissions, staging_file, staging_folder
 
 
 def merged_model(adapter: Path, cfg, merge_base: str, dtype_name: str):
@@ -57,10 +59,7 @@ def merge_adapter(adapter: Path, target: Path, dtype_name: str = "float16", base
     interrupted, failed or losing (two merges to one name) run leaves nothing at `target`, and a
     folder there is never one whose merge_check.json is missing because the check was cut short.
     """
-    target = Path(os.path.realpath(target))  # a link to an empty folder: merge into the folder it names
-    problems = target_problems("--merge-to", target, want_folder=True)
-    if problems:
-        raise InferenceError(problems[0])
+    target = new_target(target, "--merge-to", want_folder=True)
     cfg = adapter_settings(adapter, base)
     with written_aside(target, "--merge-to", staging_folder) as staging:
         merged = merged_model(adapter, cfg, merge_base, dtype_name)
@@ -74,6 +73,16 @@ def merge_adapter(adapter: Path, target: Path, dtype_name: str = "float16", base
             say(format_check(report))
         publish_permissions(staging)
         place(staging, target)
+    return target
+
+
+def new_target(target: Path, flag: str, want_folder: bool) -> Path:
+    """The target with links resolved (a link to an empty folder: write into the folder it names);
+    InferenceError when something is there already."""
+    target = Path(os.path.realpath(target))
+    problems = target_problems(flag, target, want_folder)
+    if problems:
+        raise InferenceError(problems[0])
     return target
 
 
@@ -185,13 +194,10 @@ def export_gguf(adapter: Path, path: Path, gguf_type: str, merge_base: str = "or
     from gguf_export import check_gguf, gguf_bytes, write_gguf
 
     try:
-        import gguf  # noqa: F401 - checked before any work: a missing package is found in a second, not after the merge
+        importlib.import_module("gguf")  # before any work: a missing package is found in a second, not after the merge
     except ImportError as exc:
         raise InferenceError(f"--export-gguf needs the gguf package ({exc}): pip install -r requirements.txt") from None
-    path = Path(os.path.realpath(path))
-    problems = target_problems("--export-gguf", path, want_folder=False)
-    if problems:
-        raise InferenceError(problems[0])
+    path = new_target(path, "--export-gguf", want_folder=False)
     cfg = adapter_settings(adapter, base)
     with written_aside(path, "--export-gguf", staging_file) as staging:
         merged = merged_model(adapter, cfg, merge_base, dtype_name)

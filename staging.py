@@ -91,7 +91,3 @@ def discard(staging: Path) -> None:
             staging.unlink()
         except FileNotFoundError:
             pass
-
-
-def free_bytes(folder: Path) -> int:
-    return shutil.disk_usage(folder).free
